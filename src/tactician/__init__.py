@@ -1,0 +1,1 @@
+"""Tactician: an AI-driven task scheduler."""

@@ -1,0 +1,262 @@
+"""The composition root: `Tactician` wires settings, the store, kinds, workers and the planner."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import multiprocessing
+import signal
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from tactician.domain import ExecutorKind, KindSpec, NewTask, RateLimit, RetryPolicy, Task
+from tactician.errors import InvalidInput, UnknownKind
+from tactician.run.executors import Handler
+from tactician.run.planner import PlannerService
+from tactician.run.worker import Worker, WorkerOptions
+from tactician.settings import Settings
+from tactician.store.base import SqlStore
+from tactician.store.open import open_store
+from tactician.store.protocol import TaskFilter
+
+F = TypeVar("F", bound=Callable[..., Any])
+When = float | dt.datetime | dt.timedelta | None
+log = logging.getLogger("tactician")
+
+
+class Tactician:
+    """One application: its task kinds, pools, and the database they live in."""
+
+    def __init__(self, db: str | None = None, *, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env(db=db)
+        self.kinds: dict[str, KindSpec] = {}
+        self.handlers: dict[str, Handler] = {}
+        self.pool_capacity: dict[str, int | None] = {}
+        self._store: SqlStore | None = None
+
+    # --- declaring work --------------------------------------------------------------------
+
+    def task(
+        self,
+        fn: F | None = None,
+        *,
+        name: str | None = None,
+        **options: Any,
+    ) -> Any:
+        """Register a Python handler (sync or async) as a task kind.
+
+        Options: pool, units, retries, timeout, concurrency_key, rate, burst, backoff,
+        max_backoff, max_concurrency, breaker_threshold, breaker_cooldown.
+        """
+
+        def register(handler: F) -> F:
+            kind_name = name or handler.__name__
+            self._add_kind(kind_name, "python", options)
+            self.handlers[kind_name] = handler
+            return handler
+
+        return register(fn) if fn is not None else register
+
+    def http_task(self, name: str, url: str, **options: Any) -> KindSpec:
+        """A kind whose attempts POST the payload as JSON to `url` (2xx is success)."""
+        options.setdefault("max_concurrency", 32)
+        return self._add_kind(name, "http", {**options, "url": url})
+
+    def shell_task(self, name: str, command: Sequence[str], **options: Any) -> KindSpec:
+        """A kind whose attempts run `command` with the payload on stdin (exit 0 is success)."""
+        return self._add_kind(name, "shell", {**options, "command": tuple(command)})
+
+    def pool(self, name: str, capacity: int | None) -> None:
+        """Declare a pool's capacity in units (None: unbounded)."""
+        if capacity is not None and capacity < 0:
+            raise InvalidInput(f"pool {name}: capacity must be >= 0")
+        self.pool_capacity[name] = capacity
+        if self._store is not None:
+            self._store.set_pool(name, capacity)
+
+    def _add_kind(self, name: str, executor: ExecutorKind, options: Mapping[str, Any]) -> KindSpec:
+        options = dict(options)
+        retries = int(options.pop("retries", 3))
+        if retries < 0:
+            raise InvalidInput(f"kind {name}: retries must be >= 0")
+        retry = RetryPolicy(
+            max_attempts=retries + 1,
+            initial_delay=float(options.pop("backoff", 1.0)),
+            max_delay=float(options.pop("max_backoff", 300.0)),
+        )
+        rate_text = options.pop("rate", None)
+        burst = options.pop("burst", None)
+        rate = RateLimit.parse(rate_text, burst) if rate_text else None
+        unknown = set(options) - _KIND_OPTIONS
+        if unknown:
+            raise InvalidInput(f"kind {name}: unknown option {sorted(unknown)[0]!r}")
+        spec = KindSpec(name=name, executor=executor, retry=retry, rate=rate, **options)
+        self.kinds[name] = spec
+        if self._store is not None:
+            self._store.register_kinds([spec])
+        return spec
+
+    # --- the store ---------------------------------------------------------------------------
+
+    @property
+    def store(self) -> SqlStore:
+        if self._store is None:
+            store = open_store(self.settings.db, self.settings)
+            if self.kinds:
+                store.register_kinds(list(self.kinds.values()))
+            for pool, capacity in self.pool_capacity.items():
+                store.set_pool(pool, capacity)
+            self._store = store
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def known_kinds(self) -> dict[str, KindSpec]:
+        """This app's kinds, and those other apps registered in the database."""
+        return {**self.store.kinds(), **self.kinds}
+
+    # --- submitting ----------------------------------------------------------------------------
+
+    def submit(
+        self,
+        kind: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        due_at: When = None,
+        release_at: When = None,
+        weight: float = 1.0,
+        estimate: float | None = None,
+        idempotency_key: str | None = None,
+        depends_on: Iterable[str] = (),
+        tenant: str = "default",
+        tags: Iterable[str] = (),
+        source: str = "api",
+    ) -> str:
+        """Commit one task and return its id (the existing id for a known idempotency key)."""
+        now = self.store.db_now()
+        task = NewTask(
+            kind=kind,
+            payload=dict(payload or {}),
+            due_at=_at(due_at, now),
+            release_at=_at(release_at, now),
+            weight=weight,
+            estimate=estimate,
+            idempotency_key=idempotency_key,
+            depends_on=tuple(depends_on),
+            tenant=tenant,
+            tags=tuple(tags),
+            source=source,
+        )
+        return self.submit_many([task])[0]
+
+    def submit_many(self, tasks: Sequence[NewTask]) -> list[str]:
+        """Commit all tasks in one transaction, or none of them."""
+        kinds = self.kinds if all(t.kind in self.kinds for t in tasks) else self.known_kinds()
+        unknown = sorted({t.kind for t in tasks} - set(kinds))
+        if unknown:
+            raise UnknownKind(f"unknown kind {unknown[0]!r}")
+        return self.store.submit(tasks, kinds)
+
+    def get(self, task_id: str) -> Task:
+        return self.store.get(task_id)
+
+    def tasks(self, query: TaskFilter | None = None) -> list[Task]:
+        return self.store.list_tasks(query or TaskFilter())
+
+    def cancel(self, task_id: str) -> Task:
+        return self.store.cancel(task_id)
+
+    def retry(self, task_id: str) -> Task:
+        return self.store.retry(task_id)
+
+    # --- running -------------------------------------------------------------------------------
+
+    def worker(self, options: WorkerOptions | None = None) -> Worker:
+        if not self.kinds:
+            raise InvalidInput("this app declares no task kinds: nothing for a worker to run")
+        return Worker(
+            self.store,
+            self.kinds,
+            self.handlers,
+            options or WorkerOptions(),
+            self.settings.lease_seconds,
+        )
+
+    def planner(self) -> PlannerService:
+        from tactician.run.schedules import ScheduleService
+
+        self.store  # noqa: B018 (registers kinds and pools before the first tick)
+        return PlannerService(
+            self.store, self.settings, hooks=(ScheduleService(self.store, self).fire_due,)
+        )
+
+    def run_worker(self, options: WorkerOptions | None = None) -> None:
+        """Run a worker in this process until SIGTERM or SIGINT."""
+        stop = _stop_on_signals()
+        self.worker(options).run(stop.is_set)
+
+    def run_planner(self) -> None:
+        stop = _stop_on_signals()
+        self.planner().run(stop.is_set)
+
+    def serve(self, workers: int = 2, options: WorkerOptions | None = None) -> None:
+        """A planner in this process and `workers` worker processes, until SIGTERM/SIGINT."""
+        self.store  # noqa: B018 (migrate and register before the children start)
+        self.close()
+        ctx = multiprocessing.get_context("fork")
+        children = [
+            ctx.Process(target=_child_worker, args=(self, options), name=f"worker-{i}")
+            for i in range(workers)
+        ]
+        for child in children:
+            child.start()
+        try:
+            self.run_planner()
+        finally:
+            for child in children:
+                if child.pid is not None and child.is_alive():
+                    child.terminate()
+            for child in children:
+                child.join(30)
+
+
+_KIND_OPTIONS = {
+    "pool",
+    "units",
+    "timeout",
+    "concurrency_key",
+    "url",
+    "command",
+    "max_concurrency",
+    "breaker_threshold",
+    "breaker_cooldown",
+}
+
+
+def _child_worker(app: Tactician, options: WorkerOptions | None) -> None:
+    app._store = None  # a fresh connection in this process
+    app.run_worker(options)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _at(when: When, now: float) -> float | None:
+    if when is None or isinstance(when, int | float):
+        return None if when is None else float(when)
+    if isinstance(when, dt.timedelta):
+        return now + when.total_seconds()
+    if isinstance(when, dt.datetime):
+        if when.tzinfo is None:
+            raise InvalidInput("datetimes must carry a time zone")
+        return when.timestamp()
+    raise InvalidInput(f"not a time: {when!r}")

@@ -1,0 +1,103 @@
+"""Which ready tasks start now: capacity-aware and in the order the scorer gives.
+
+A pure function over a snapshot. The planner never over-commits a pool, never starts two tasks
+with the same concurrency key, keeps each kind's rate limit and each target's breaker and
+adaptive limit. A task that cannot start now is skipped; later tasks may still fit (a small
+task may pass a large one, as backfilling does in HPC schedulers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from tactician.plan.flow import Bucket, take
+
+
+class Candidate(NamedTuple):
+    """A ready task as the planner sees it (a tuple: thousands are built per tick)."""
+
+    id: str
+    kind: str
+    pool: str
+    units: int
+    concurrency_key: str | None
+    target: str
+    rank: float
+
+
+@dataclass(frozen=True)
+class KindLimits:
+    rate_per_second: float | None = None
+    rate_burst: float = 1.0
+
+
+@dataclass
+class CapacityView:
+    """What is in use now, and the limits. Mutable scratch space for one planning pass."""
+
+    pool_capacity: Mapping[str, int | None]
+    pool_used: dict[str, int] = field(default_factory=dict)
+    busy_keys: set[str] = field(default_factory=set)
+    target_in_flight: dict[str, int] = field(default_factory=dict)
+    target_allowed: Mapping[str, int | None] = field(default_factory=dict)
+    buckets: dict[str, Bucket] = field(default_factory=dict)
+    kind_limits: Mapping[str, KindLimits] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    starts: list[Candidate]
+    buckets: dict[str, Bucket]
+    """Token buckets that changed, to be saved with the starts."""
+    blocked: dict[str, str]
+    """Why some tasks did not start: task id → reason (only the first few per reason)."""
+
+
+def plan_starts(
+    candidates: Iterable[Candidate], view: CapacityView, now: float, limit: int
+) -> Plan:
+    """Choose up to `limit` starts from candidates, best first."""
+    starts: list[Candidate] = []
+    changed: dict[str, Bucket] = {}
+    blocked: dict[str, str] = {}
+    capacity = view.pool_capacity
+    used = view.pool_used
+    busy = view.busy_keys
+    in_flight = view.target_in_flight
+    allowed = view.target_allowed
+    for task in candidates:
+        if len(starts) >= limit:
+            break
+        cap = capacity.get(task.pool)
+        if cap is not None and used.get(task.pool, 0) + task.units > cap:
+            _note(blocked, task.id, f"pool {task.pool} is full")
+            continue
+        if task.concurrency_key is not None and task.concurrency_key in busy:
+            _note(blocked, task.id, f"concurrency key {task.concurrency_key} is busy")
+            continue
+        max_flight = allowed.get(task.target)
+        if max_flight is not None and in_flight.get(task.target, 0) >= max_flight:
+            _note(blocked, task.id, f"target {task.target} is at its limit ({max_flight})")
+            continue
+        limits = view.kind_limits.get(task.kind)
+        if limits is not None and limits.rate_per_second is not None:
+            key = f"kind:{task.kind}"
+            bucket = view.buckets.get(key, Bucket(limits.rate_burst, now))
+            taken = take(bucket, limits.rate_per_second, limits.rate_burst, now)
+            if taken is None:
+                _note(blocked, task.id, f"rate limit of {task.kind}")
+                continue
+            view.buckets[key] = changed[key] = taken
+        used[task.pool] = used.get(task.pool, 0) + task.units
+        if task.concurrency_key is not None:
+            busy.add(task.concurrency_key)
+        in_flight[task.target] = in_flight.get(task.target, 0) + 1
+        starts.append(task)
+    return Plan(starts, changed, blocked)
+
+
+def _note(blocked: dict[str, str], task_id: str, reason: str) -> None:
+    if len(blocked) < 100:
+        blocked[task_id] = reason

@@ -1,0 +1,29 @@
+"""What a handler may ask about the task it is running."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    task_id: str
+    kind: str
+    attempt: int
+    token: int
+
+
+_current: ContextVar[TaskContext | None] = ContextVar("tactician_task", default=None)
+
+
+def current_task() -> TaskContext:
+    """The task this handler runs for (only inside a handler)."""
+    context = _current.get()
+    if context is None:
+        raise RuntimeError("current_task() is only available inside a task handler")
+    return context
+
+
+def set_current(context: TaskContext | None) -> None:
+    _current.set(context)

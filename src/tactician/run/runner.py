@@ -1,0 +1,247 @@
+"""Runner processes: where handlers run, so that a hard timeout or a cancel can always kill them.
+
+The worker hands a runner a batch of jobs over a pipe. The runner writes the index and start
+time of the job it is running into shared memory, so the worker can see a job overstay its
+timeout without any message per job, and kills the whole process (SIGKILL stops CPU-bound code
+too). Results go back in chunks. A killed runner is replaced and the rest of its batch goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.sharedctypes import Synchronized
+from typing import Any, NamedTuple
+
+from tactician.errors import HandlerError, TargetOverloaded
+from tactician.run.context import TaskContext, set_current
+
+SEND_EVERY_S = 0.02  # results are sent at least this often while a batch runs
+_CTX = multiprocessing.get_context("fork")
+
+
+class Job(NamedTuple):
+    """One attempt to run (a tuple: it crosses the pipe by the thousand)."""
+
+    task_id: str
+    token: int
+    kind: str
+    attempt: int
+    payload: str  # JSON text: decoded in the runner
+    timeout: float
+
+
+# What a runner sends back for one job:
+# (task_id, token, ok, started_at, duration, error, traceback, retryable, overloaded)
+RawResult = tuple[str, int, bool, float, float, str | None, str | None, bool, bool]
+
+ExecutorFactory = Callable[[], Any]  # returns an object with .run(kind, payload, timeout)
+
+
+def _runner_main(conn: Connection, progress: Any, make_executors: ExecutorFactory) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when runners stop
+    executors = make_executors()
+    try:
+        while True:
+            try:
+                batch: list[Job] | None = conn.recv()
+            except EOFError:
+                break
+            if batch is None:
+                break
+            out: list[RawResult] = []
+            last_send = time.monotonic()
+            for index, job in enumerate(batch):
+                started_mono = time.monotonic()
+                progress[0] = index
+                progress[1] = started_mono
+                out.append(_run_one(executors, job, started_mono))
+                progress[1] = 0.0
+                if time.monotonic() - last_send >= SEND_EVERY_S:
+                    conn.send(out)
+                    out, last_send = [], time.monotonic()
+            conn.send(out)
+            conn.send(None)  # batch done
+    finally:
+        executors.close()
+        conn.close()
+        os._exit(0)  # never run the parent's finalisers (open database handles) here
+
+
+def _run_one(executors: Any, job: Job, started_mono: float) -> RawResult:
+    started_at = time.time()
+    set_current(TaskContext(job.task_id, job.kind, job.attempt, job.token))
+    try:
+        executors.run(job.kind, json.loads(job.payload), job.timeout)
+    except TargetOverloaded as exc:
+        return _failure(job, started_at, started_mono, exc, retryable=True, overloaded=True)
+    except HandlerError as exc:
+        return _failure(job, started_at, started_mono, exc, retryable=exc.retryable)
+    except Exception as exc:
+        return _failure(job, started_at, started_mono, exc, retryable=True)
+    finally:
+        set_current(None)
+    duration = time.monotonic() - started_mono
+    return (job.task_id, job.token, True, started_at, duration, None, None, True, False)
+
+
+def _failure(
+    job: Job,
+    started_at: float,
+    started_mono: float,
+    exc: BaseException,
+    *,
+    retryable: bool,
+    overloaded: bool = False,
+) -> RawResult:
+    message = f"{type(exc).__name__}: {exc}"
+    trace = traceback.format_exc(limit=30)
+    duration = time.monotonic() - started_mono
+    return (job.task_id, job.token, False, started_at, duration, message, trace, retryable, overloaded)
+
+
+class Runner:
+    """One runner process and the batch it is working through."""
+
+    def __init__(self, make_executors: ExecutorFactory) -> None:
+        self._make_executors = make_executors
+        self.batch: list[Job] = []
+        self.done: set[str] = set()
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self.conn, child = _CTX.Pipe()
+        self.progress: Synchronized[Any] | Any = _CTX.RawArray("d", 2)
+        self.process = _CTX.Process(
+            target=_runner_main, args=(child, self.progress, self._make_executors), daemon=True
+        )
+        self.process.start()
+        child.close()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.batch)
+
+    def start(self, batch: list[Job]) -> None:
+        self.batch = batch
+        self.done = set()
+        self.progress[0] = 0
+        self.progress[1] = 0.0
+        self.conn.send(batch)
+
+    def collect(self) -> list[RawResult]:
+        """Results that arrived; the batch ends when the runner says so."""
+        results: list[RawResult] = []
+        try:
+            while self.batch and self.conn.poll():
+                message = self.conn.recv()
+                if message is None:
+                    self.batch = []
+                    break
+                results.extend(message)
+                self.done.update(r[0] for r in message)
+        except (EOFError, OSError):
+            results.extend(self._replace("runner process died"))
+        return results
+
+    def current(self) -> tuple[Job, float] | None:
+        """The job running now and when it started (monotonic), if any."""
+        started = self.progress[1]
+        index = int(self.progress[0])
+        if not self.batch or started == 0.0 or index >= len(self.batch):
+            return None
+        return self.batch[index], started
+
+    def check_timeout(self, now_mono: float) -> list[RawResult]:
+        running = self.current()
+        if running is None:
+            return []
+        job, started = running
+        if now_mono - started <= job.timeout or job.task_id in self.done:
+            return []
+        return self._replace(f"timed out after {job.timeout:g}s", job, timed_out=True)
+
+    def kill_job(self, task_id: str, reason: str) -> list[RawResult]:
+        """Stop this task: kill the runner if it is running it, else drop it from the batch."""
+        running = self.current()
+        if running is not None and running[0].task_id == task_id:
+            return self._replace(reason, running[0], cancelled=True)
+        remaining = [j for j in self.batch if j.task_id == task_id and j.task_id not in self.done]
+        if not remaining:
+            return []
+        self.batch = [j for j in self.batch if j.task_id != task_id]
+        job = remaining[0]
+        return [_cancelled(job, reason)]
+
+    def _replace(
+        self,
+        reason: str,
+        victim: Job | None = None,
+        *,
+        timed_out: bool = False,
+        cancelled: bool = False,
+    ) -> list[RawResult]:
+        """Kill the process, report the victim, and restart the rest of the batch."""
+        results = self.collect_quietly()
+        self.process.kill()
+        self.process.join(5)
+        self.conn.close()
+        now = time.time()
+        if victim is None:  # died on its own: blame the job it was running
+            running = self.current()
+            victim = running[0] if running else None
+        if victim is not None and victim.task_id not in self.done:
+            error = f"TimeoutError: {reason}" if timed_out else reason
+            if cancelled:
+                results.append(_cancelled(victim, reason))
+            else:
+                results.append(
+                    (victim.task_id, victim.token, False, now, victim.timeout if timed_out else 0.0,
+                     error, None, True, False)
+                )
+            self.done.add(victim.task_id)
+        rest = [j for j in self.batch if j.task_id not in self.done]
+        self.batch = []
+        self._spawn()
+        if rest:
+            self.start(rest)
+        return results
+
+    def collect_quietly(self) -> list[RawResult]:
+        results: list[RawResult] = []
+        try:
+            while self.conn.poll():
+                message = self.conn.recv()
+                if message is None:
+                    break
+                results.extend(message)
+                self.done.update(r[0] for r in message)
+        except (EOFError, OSError):
+            pass
+        return results
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.process.join(2)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(2)
+        self.conn.close()
+
+
+def _cancelled(job: Job, reason: str) -> RawResult:
+    return (job.task_id, job.token, False, time.time(), 0.0, f"cancelled: {reason}", None, False,
+            False)
+
+
+CANCEL_MARK = "cancelled: "
+TIMEOUT_MARK = "TimeoutError: "

@@ -1,0 +1,183 @@
+"""A worker: claims granted tasks, runs them in runner processes, reports results, heartbeats.
+
+Delivery is at least once. A worker killed with SIGKILL loses its leases when they expire; the
+planner's reaper puts those tasks back. A worker that comes back from a pause finds its late
+results refused by the store (fencing), because another worker now holds a newer lease token.
+At most `concurrency * batch` tasks are in flight per worker: that bounds how many tasks a
+killed worker can leave executed-but-unrecorded (re-executed later).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+
+from tactician.domain import Claim, KindSpec, Result
+from tactician.run.executors import Executors, Handler
+from tactician.run.runner import CANCEL_MARK, TIMEOUT_MARK, Job, RawResult, Runner
+from tactician.store.protocol import Finish, Store
+
+log = logging.getLogger("tactician.worker")
+MIN_IDLE_WAIT_S = 0.001
+"""After work, poll again soon; the wait doubles up to the poll interval while idle."""
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    concurrency: int = 1
+    """Runner processes: tasks that run at the same time."""
+    batch: int = 1
+    """Tasks claimed per runner at once. 1 keeps re-execution after a crash to one task per
+    runner; larger batches trade that for throughput."""
+    heartbeat_every: float | None = None
+    """Seconds between heartbeats; default a third of the lease."""
+    poll_interval: float = 0.05
+
+
+class Worker:
+    def __init__(
+        self,
+        store: Store,
+        kinds: Mapping[str, KindSpec],
+        handlers: Mapping[str, Handler],
+        options: WorkerOptions,
+        lease_seconds: float,
+        *,
+        worker_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.kinds = dict(kinds)
+        self.handlers = dict(handlers)
+        self.options = options
+        self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.heartbeat_every = options.heartbeat_every or lease_seconds / 3
+        self._rng = random.Random()
+        self._claimed: dict[str, Claim] = {}
+        self._runners: list[Runner] = []
+        self.finished = 0
+        self.refused = 0
+        self._idle_wait = MIN_IDLE_WAIT_S
+
+    def _make_executors(self) -> Executors:
+        return Executors(self.kinds, self.handlers)
+
+    def run(self, should_stop: Callable[[], bool] = lambda: False) -> None:
+        """Work until should_stop() is true; then finish what is in hand and return."""
+        self._runners = [Runner(self._make_executors) for _ in range(self.options.concurrency)]
+        kinds = sorted(self.kinds)
+        self.store.register_worker(self.id, socket.gethostname(), os.getpid(), kinds)
+        listen = getattr(self.store, "listen", None)
+        if listen is not None:
+            listen("tactician_workers")
+        log.info("worker %s started: kinds=%s concurrency=%d", self.id, kinds, len(self._runners))
+        next_beat = time.monotonic() + self.heartbeat_every
+        try:
+            while True:
+                stopping = should_stop()
+                if stopping and not self._claimed:
+                    break
+                claimed = 0 if stopping else self._claim(kinds)
+                self._wait(claimed)
+                self._report(self._collect())
+                if time.monotonic() >= next_beat:
+                    self._heartbeat()
+                    next_beat = time.monotonic() + self.heartbeat_every
+        finally:
+            for runner in self._runners:
+                runner.stop()
+            log.info("worker %s stopped: %d finished, %d refused", self.id, self.finished,
+                     self.refused)
+
+    def _claim(self, kinds: list[str]) -> int:
+        idle = [r for r in self._runners if not r.busy]
+        if not idle:
+            return 0
+        claims = self.store.claim(self.id, kinds, len(idle) * self.options.batch)
+        for claim in claims:
+            self._claimed[claim.task_id] = claim
+        size = self.options.batch
+        for i, runner in enumerate(idle):
+            part = claims[i * size : (i + 1) * size]
+            if part:
+                runner.start([self._job(c) for c in part])
+        return len(claims)
+
+    def _job(self, claim: Claim) -> Job:
+        timeout = self.kinds[claim.kind].timeout
+        return Job(claim.task_id, claim.token, claim.kind, claim.attempt, claim.payload, timeout)
+
+    def _wait(self, claimed: int) -> None:
+        busy = [r.conn for r in self._runners if r.busy]
+        if busy:
+            self._idle_wait = MIN_IDLE_WAIT_S
+            wait(busy, timeout=min(self.options.poll_interval, self.heartbeat_every))
+        elif claimed:
+            self._idle_wait = MIN_IDLE_WAIT_S
+        else:
+            self.store.wait_for_work(self._idle_wait)
+            self._idle_wait = min(self.options.poll_interval, self._idle_wait * 2)
+
+    def _collect(self) -> list[RawResult]:
+        results: list[RawResult] = []
+        now = time.monotonic()
+        for runner in self._runners:
+            results.extend(runner.collect())
+            results.extend(runner.check_timeout(now))
+        return results
+
+    def _report(self, raw: list[RawResult]) -> None:
+        if not raw:
+            return
+        finishes = []
+        for task_id, token, ok, started_at, duration, error, trace, retryable, overloaded in raw:
+            claim = self._claimed.pop(task_id, None)
+            if claim is None or claim.token != token:
+                continue
+            kind = self.kinds[claim.kind]
+            cancelled = bool(error and error.startswith(CANCEL_MARK))
+            timed_out = bool(error and error.startswith(TIMEOUT_MARK))
+            result = Result(
+                task_id,
+                token,
+                ok,
+                started_at,
+                duration,
+                error=error,
+                traceback=trace,
+                retryable=retryable and not cancelled,
+                overloaded=overloaded,
+                timed_out=timed_out,
+                cancelled=cancelled,
+            )
+            delay = None
+            if not ok and not cancelled:
+                delay = kind.retry.next_delay(claim.attempt, retryable=retryable, rng=self._rng)
+                log.warning("task %s (%s) attempt %d failed: %s", task_id, kind.name,
+                            claim.attempt, error)
+            finishes.append(Finish(result, kind.name, claim.attempt, delay))
+        accepted = self.store.finish(self.id, finishes, self.kinds)
+        for finish, ok in zip(finishes, accepted, strict=True):
+            if ok:
+                self.finished += 1
+            else:
+                self.refused += 1
+                log.warning("result for task %s refused: lease token %d is stale (fencing)",
+                            finish.result.task_id, finish.result.token)
+
+    def _heartbeat(self) -> None:
+        reply = self.store.heartbeat(self.id)
+        for task_id, claim in list(self._claimed.items()):
+            if reply.held.get(task_id) != claim.token:
+                log.warning("lease on task %s lost; its result will be refused", task_id)
+        for task_id in reply.cancel:
+            for runner in self._runners:
+                self._report(runner.kill_job(task_id, "cancelled by an operator"))
+
+

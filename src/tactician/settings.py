@@ -1,0 +1,57 @@
+"""Configuration, read once at the edge (the composition root) and passed down frozen."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from tactician.errors import InvalidInput
+
+DEFAULT_DB = "sqlite:///tactician.db"
+
+
+@dataclass(frozen=True)
+class Settings:
+    db: str = DEFAULT_DB
+    lease_seconds: float = 30.0
+    """How long a worker's claim lasts without a heartbeat; the database's clock counts it."""
+    dispatch_timeout: float = 60.0
+    """How long capacity granted by the planner waits for a worker before it is taken back."""
+    dispatch_ahead: int = 4000
+    """At most this many granted-but-unclaimed tasks: the rest wait in `ready` so later urgent
+    work can still overtake them."""
+    plan_batch: int = 5000
+    """Ready tasks the planner considers per tick."""
+    poll_interval: float = 0.05
+    """Idle wait between polls when nothing wakes the loop (LISTEN/NOTIFY on PostgreSQL)."""
+    fencing: bool = True
+    """Refuse results whose lease token is stale. Only the crash tests switch it off, to
+    show that the check sees the fault."""
+    sqlite_synchronous: str = "NORMAL"
+    """NORMAL survives a kill -9 of any process (WAL); FULL also survives power loss."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then TACTICIAN_* variables, then explicit overrides (None is ignored)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"TACTICIAN_{f.name.upper()}")
+            if raw is None:
+                continue
+            values[f.name] = _convert(f.name, raw, type(getattr(cls(), f.name)))
+        values |= {k: v for k, v in overrides.items() if v is not None}
+        return replace(cls(), **values)
+
+
+def _convert(name: str, raw: str, kind: type) -> Any:
+    try:
+        if kind is bool:
+            if raw.lower() not in {"1", "0", "true", "false", "yes", "no"}:
+                raise ValueError(raw)
+            return raw.lower() in {"1", "true", "yes"}
+        return kind(raw)
+    except ValueError:
+        raise InvalidInput(f"TACTICIAN_{name.upper()}={raw!r} is not a valid {kind.__name__}")

@@ -1,0 +1,853 @@
+"""The SQL both adapters share. The adapters supply connections, transactions and dialect.
+
+SQL is written with `?` placeholders; the PostgreSQL adapter turns them into `%s`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import asdict
+from importlib import resources
+from typing import Any, Protocol
+
+from tactician.domain import (
+    Attempt,
+    Claim,
+    KindSpec,
+    NewTask,
+    Pool,
+    RateLimit,
+    RetryPolicy,
+    TargetState,
+    Task,
+    TaskState,
+)
+from tactician.errors import Conflict, InvalidInput, NotFound, UnknownKind
+from tactician.ids import new_ids
+from tactician.plan.capacity import Candidate, CapacityView, KindLimits
+from tactician.plan.flow import Bucket, after_result, allowed_in_flight
+from tactician.settings import Settings
+from tactician.store.protocol import (
+    Finish,
+    HeartbeatReply,
+    Planner,
+    PlanReport,
+    PoolUsage,
+    ReapReport,
+    ScheduleRow,
+    TaskFilter,
+)
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+NO_DUE = 1e15  # the EDF key of a task without a deadline: after every real one
+TASK_COLUMNS = (
+    "id, kind, payload, state, created_at, release_at, due_at, weight, estimate, attempt, "
+    "tenant, source, idempotency_key, pool, units, concurrency_key, target, tags, run_at, "
+    "lease_token, lease_expires_at, worker_id, last_error, last_traceback, cancel_requested, "
+    "finished_at"
+)
+ACTIVE = "('leased', 'running')"
+# States a dependency can end in without succeeding: its dependents die too.
+FAILED_UPSTREAM = "('dead', 'cancelled', 'rejected', 'expired')"
+
+
+class Cursor(Protocol):
+    """What both DB-API cursors (sqlite3, psycopg) give us."""
+
+    rowcount: int
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any: ...
+
+    def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def fetchone(self) -> Any: ...
+
+
+class SqlStore:
+    """Store logic over a DB-API connection; one instance per process, one thread."""
+
+    dialect = "sql"
+    url: str
+
+    def __init__(self, url: str, settings: Settings) -> None:
+        self.url = url
+        self.settings = settings
+
+    # --- what an adapter supplies ---------------------------------------------------------
+
+    def _tx(self) -> AbstractContextManager[Cursor]:
+        """A write transaction; serialised with other writers where the claim needs it."""
+        raise NotImplementedError
+
+    def _read(self) -> AbstractContextManager[Cursor]:
+        """A read-only transaction."""
+        return self._tx()
+
+    def _now_sql(self) -> str:
+        raise NotImplementedError
+
+    def _in(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        raise NotImplementedError
+
+    def _skip_locked(self) -> str:
+        return ""
+
+    def _after_plan(self, cur: Cursor) -> None:
+        """Wake the workers (NOTIFY on PostgreSQL)."""
+
+    def _after_submit(self, cur: Cursor) -> None:
+        """Wake the planner (NOTIFY on PostgreSQL)."""
+
+    def _serialise_planners(self, cur: Cursor) -> None:
+        """Make concurrent plan transactions run one after another."""
+
+    def wait_for_work(self, timeout: float) -> None:
+        self._sleep(timeout)
+
+    def _sleep(self, seconds: float) -> None:
+        raise NotImplementedError
+
+    # --- migrations ------------------------------------------------------------------------
+
+    def _migrations(self) -> Iterator[tuple[int, str]]:
+        folder = resources.files("tactician.store") / "migrations" / self.dialect
+        for item in sorted(folder.iterdir(), key=lambda p: p.name):
+            if item.name.endswith(".sql"):
+                yield int(item.name.split("_", 1)[0]), item.read_text()
+
+    def _applied_versions(self, cur: Cursor) -> set[int]:
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        cur.execute("SELECT version FROM schema_migrations")
+        return {row[0] for row in cur.fetchall()}
+
+    # --- clock -----------------------------------------------------------------------------
+
+    def db_now(self) -> float:
+        with self._tx() as cur:
+            return self._now(cur)
+
+    def _now(self, cur: Cursor) -> float:
+        cur.execute(f"SELECT {self._now_sql()}")
+        return float(cur.fetchone()[0])
+
+    # --- kinds and pools -------------------------------------------------------------------
+
+    def register_kinds(self, kinds: Sequence[KindSpec]) -> None:
+        with self._tx() as cur:
+            now = self._now(cur)
+            cur.executemany(
+                "INSERT INTO kinds (name, spec, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, "
+                "updated_at = excluded.updated_at",
+                [(k.name, json.dumps(kind_to_json(k)), now) for k in kinds],
+            )
+
+    def kinds(self) -> dict[str, KindSpec]:
+        with self._read() as cur:
+            cur.execute("SELECT spec FROM kinds")
+            specs = [kind_from_json(json.loads(row[0])) for row in cur.fetchall()]
+        return {k.name: k for k in specs}
+
+    def set_pool(self, name: str, capacity: int | None) -> None:
+        if not name:
+            raise InvalidInput("a pool needs a name")
+        if capacity is not None and capacity < 0:
+            raise InvalidInput(f"pool {name}: capacity must be >= 0")
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT INTO pools (name, capacity) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET capacity = excluded.capacity",
+                (name, capacity),
+            )
+
+    def pools(self) -> list[PoolUsage]:
+        with self._read() as cur:
+            cur.execute("SELECT name, capacity FROM pools")
+            capacity: dict[str, int | None] = {row[0]: row[1] for row in cur.fetchall()}
+            cur.execute(
+                "SELECT pool, state, count(*), sum(units) FROM tasks "
+                "WHERE state IN ('ready', 'leased', 'running') GROUP BY pool, state"
+            )
+            counts: dict[str, dict[str, tuple[int, int]]] = {}
+            for pool, state, count, units in cur.fetchall():
+                counts.setdefault(pool, {})[state] = (int(count), int(units))
+        names = sorted(set(capacity) | set(counts))
+        out = []
+        for name in names:
+            by_state = counts.get(name, {})
+            used = sum(by_state.get(s, (0, 0))[1] for s in ("leased", "running"))
+            out.append(
+                PoolUsage(
+                    Pool(name, capacity.get(name)),
+                    used=used,
+                    ready=by_state.get("ready", (0, 0))[0],
+                    leased=by_state.get("leased", (0, 0))[0],
+                    running=by_state.get("running", (0, 0))[0],
+                )
+            )
+        return out
+
+    def targets(self) -> list[TargetState]:
+        with self._read() as cur:
+            return list(self._targets(cur).values())
+
+    def _targets(self, cur: Cursor) -> dict[str, TargetState]:
+        cur.execute(
+            "SELECT target, breaker, consecutive_failures, opened_at, concurrency_limit, "
+            "latency_floor FROM targets"
+        )
+        return {row[0]: TargetState(*row) for row in cur.fetchall()}
+
+    # --- submitting --------------------------------------------------------------------------
+
+    def submit(self, tasks: Sequence[NewTask], kinds: Mapping[str, KindSpec]) -> list[str]:
+        """Commit every task, or none. Same idempotency key → the id of the existing task."""
+        if not tasks:
+            return []
+        for task in tasks:
+            if task.kind not in kinds:
+                raise UnknownKind(f"unknown kind {task.kind!r}")
+        with self._tx() as cur:
+            now = self._now(cur)
+            ids = new_ids(len(tasks), now)
+            keyed: dict[str, int] = {}
+            rows = []
+            deps = []
+            in_batch = set(ids)
+            wanted_deps = {d for t in tasks for d in t.depends_on} - in_batch
+            if wanted_deps:
+                self._check_exist(cur, wanted_deps)
+            for i, (task_id, task) in enumerate(zip(ids, tasks, strict=True)):
+                if task.idempotency_key is not None:
+                    if task.idempotency_key in keyed:  # twice in one batch: one task
+                        ids[i] = ids[keyed[task.idempotency_key]]
+                        continue
+                    keyed[task.idempotency_key] = i
+                rows.append(_task_row(task_id, task, kinds[task.kind], now))
+                deps.extend((task_id, d) for d in task.depends_on)
+            cur.executemany(
+                "INSERT INTO tasks (id, kind, payload, state, created_at, release_at, due_at, "
+                "due_sort, weight, estimate, max_attempts, tenant, source, idempotency_key, "
+                "pool, units, concurrency_key, target, tags, has_deps, rank, schedule) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                rows,
+            )
+            if keyed:
+                # Existing tasks with these keys win; map every key to its task's id.
+                clause, params = self._in("idempotency_key", list(keyed))
+                cur.execute(f"SELECT idempotency_key, id FROM tasks WHERE {clause}", params)
+                existing = dict(cur.fetchall())
+                for key, index in keyed.items():
+                    ids[index] = existing[key]
+                for i, task in enumerate(tasks):
+                    if task.idempotency_key is not None:
+                        ids[i] = existing[task.idempotency_key]
+                created = set(ids)
+                deps = [d for d in deps if d[0] in created]
+            if deps:
+                cur.executemany(
+                    "INSERT INTO task_deps (task_id, depends_on) VALUES (?, ?) "
+                    "ON CONFLICT DO NOTHING",
+                    deps,
+                )
+            self._after_submit(cur)
+        return ids
+
+    def _check_exist(self, cur: Cursor, task_ids: set[str]) -> None:
+        clause, params = self._in("id", sorted(task_ids))
+        cur.execute(f"SELECT id FROM tasks WHERE {clause}", params)
+        missing = task_ids - {row[0] for row in cur.fetchall()}
+        if missing:
+            raise InvalidInput(f"depends_on names unknown task {sorted(missing)[0]}")
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def get(self, task_id: str) -> Task:
+        with self._read() as cur:
+            return self._get(cur, task_id)
+
+    def _get(self, cur: Cursor, task_id: str) -> Task:
+        cur.execute(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
+        row = cur.fetchone()
+        if row is None:
+            raise NotFound(f"no task has id {task_id!r}")
+        cur.execute("SELECT depends_on FROM task_deps WHERE task_id = ?", (task_id,))
+        deps = tuple(sorted(r[0] for r in cur.fetchall()))
+        return task_from_row(row, deps)
+
+    def list_tasks(self, query: TaskFilter) -> list[Task]:
+        where, params = ["1 = 1"], []
+        if query.state is not None:
+            if query.state not in TaskState.__members__.values():
+                raise InvalidInput(f"unknown state {query.state!r}")
+            where.append("state = ?")
+            params.append(query.state)
+        for column in ("kind", "source"):
+            value = getattr(query, column)
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if query.after_id is not None:
+            where.append("id > ?")
+            params.append(query.after_id)
+        if not 1 <= query.limit <= 10_000:
+            raise InvalidInput("limit must be between 1 and 10000")
+        with self._read() as cur:
+            cur.execute(
+                f"SELECT {TASK_COLUMNS} FROM tasks WHERE {' AND '.join(where)} "
+                f"ORDER BY id LIMIT {int(query.limit)}",
+                params,
+            )
+            return [task_from_row(row) for row in cur.fetchall()]
+
+    def counts(self) -> dict[str, int]:
+        with self._read() as cur:
+            cur.execute("SELECT state, count(*) FROM tasks GROUP BY state")
+            return {state: int(n) for state, n in cur.fetchall()}
+
+    def count_state(self, state: str) -> int:
+        with self._read() as cur:
+            cur.execute("SELECT count(*) FROM tasks WHERE state = ?", (state,))
+            return int(cur.fetchone()[0])
+
+    def attempts(self, task_id: str) -> list[Attempt]:
+        with self._read() as cur:
+            cur.execute(
+                "SELECT task_id, attempt, token, worker_id, started_at, finished_at, outcome, "
+                "error FROM attempts WHERE task_id = ? ORDER BY token",
+                (task_id,),
+            )
+            return [Attempt(*row) for row in cur.fetchall()]
+
+    # --- operators -------------------------------------------------------------------------
+
+    def cancel(self, task_id: str) -> Task:
+        """Cancel now, or ask the worker running it to stop (it is killed within a heartbeat)."""
+        with self._tx() as cur:
+            task = self._get(cur, task_id)
+            if task.state.is_final:
+                raise Conflict(f"task {task_id} is already {task.state}")
+            if task.state is TaskState.RUNNING:
+                cur.execute("UPDATE tasks SET cancel_requested = 1 WHERE id = ?", (task_id,))
+            else:
+                now = self._now(cur)
+                cur.execute(
+                    "UPDATE tasks SET state = 'cancelled', finished_at = ?, "
+                    "lease_expires_at = NULL WHERE id = ?",
+                    (now, task_id),
+                )
+            return self._get(cur, task_id)
+
+    def retry(self, task_id: str) -> Task:
+        """Give a dead or cancelled task one more attempt."""
+        with self._tx() as cur:
+            task = self._get(cur, task_id)
+            if task.state not in (TaskState.DEAD, TaskState.CANCELLED):
+                raise Conflict(f"task {task_id} is {task.state}; only dead or cancelled retry")
+            cur.execute(
+                "UPDATE tasks SET state = 'ready', max_attempts = attempt + 1, finished_at = NULL, "
+                "cancel_requested = 0, run_at = NULL WHERE id = ?",
+                (task_id,),
+            )
+            self._after_submit(cur)
+            return self._get(cur, task_id)
+
+    # --- the planner -----------------------------------------------------------------------
+
+    def try_lead(self, holder: str, ttl: float) -> bool:
+        """Become (or stay) the one active planner for `ttl` seconds."""
+        with self._tx() as cur:
+            now = self._now(cur)
+            cur.execute(
+                "INSERT INTO leader (name, holder, expires_at) VALUES ('planner', ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
+                "expires_at = excluded.expires_at "
+                "WHERE leader.holder = excluded.holder OR leader.expires_at < ?",
+                (holder, now + ttl, now),
+            )
+            return cur.rowcount == 1
+
+    def resign(self, holder: str) -> None:
+        with self._tx() as cur:
+            cur.execute("DELETE FROM leader WHERE name = 'planner' AND holder = ?", (holder,))
+
+    def promote(self) -> int:
+        """Pending and retry_wait tasks whose time has come become ready."""
+        with self._tx() as cur:
+            now = self._now(cur)
+            cur.execute(
+                "UPDATE tasks SET state = 'ready' WHERE state = 'retry_wait' AND run_at <= ?",
+                (now,),
+            )
+            moved = cur.rowcount
+            while True:  # a dead task's dependents die, and theirs, transitively
+                cur.execute(
+                    "UPDATE tasks SET state = 'dead', finished_at = ?, last_error = "
+                    "'dependency ' || (SELECT d.depends_on FROM task_deps d JOIN tasks u "
+                    f"ON u.id = d.depends_on WHERE d.task_id = tasks.id AND u.state IN "
+                    f"{FAILED_UPSTREAM} LIMIT 1) || ' did not succeed' "
+                    "WHERE state = 'pending' AND has_deps = 1 AND EXISTS (SELECT 1 FROM "
+                    "task_deps d JOIN tasks u ON u.id = d.depends_on WHERE d.task_id = tasks.id "
+                    f"AND u.state IN {FAILED_UPSTREAM})",
+                    (now,),
+                )
+                if cur.rowcount <= 0:
+                    break
+                moved += cur.rowcount
+            cur.execute(
+                "UPDATE tasks SET state = 'ready' WHERE state = 'pending' AND release_at <= ? "
+                "AND (has_deps = 0 OR NOT EXISTS (SELECT 1 FROM task_deps d JOIN tasks u "
+                "ON u.id = d.depends_on WHERE d.task_id = tasks.id AND u.state <> 'succeeded'))",
+                (now,),
+            )
+            return moved + cur.rowcount
+
+    def reap(self) -> ReapReport:
+        """Take back leases whose holder stopped heartbeating (the one reaper of leases)."""
+        with self._tx() as cur:
+            now = self._now(cur)
+            cur.execute(
+                "SELECT id, attempt, max_attempts, cancel_requested, lease_token, worker_id, "
+                "started_at FROM tasks WHERE state = 'running' AND lease_expires_at < ?",
+                (now,),
+            )
+            expired = cur.fetchall()
+            returned = dead = cancelled = 0
+            for task_id, attempt, max_attempts, cancel, token, worker, started in expired:
+                error = f"lease expired: worker {worker} stopped heartbeating"
+                if cancel:
+                    state, cancelled = "cancelled", cancelled + 1
+                elif attempt >= max_attempts:
+                    state, dead = "dead", dead + 1
+                    error += f" (attempt {attempt} of {max_attempts})"
+                else:
+                    state, returned = "ready", returned + 1
+                cur.execute(
+                    "UPDATE tasks SET state = ?, lease_expires_at = NULL, last_error = ?, "
+                    "finished_at = ? WHERE id = ? AND lease_token = ?",
+                    (state, error, None if state == "ready" else now, task_id, token),
+                )
+                cur.execute(
+                    "INSERT INTO attempts (task_id, attempt, token, worker_id, started_at, "
+                    "finished_at, outcome, error) VALUES (?, ?, ?, ?, ?, ?, 'lost', ?) "
+                    "ON CONFLICT DO NOTHING",
+                    (task_id, attempt, token, worker, started, now, error),
+                )
+            cur.execute(
+                "UPDATE tasks SET state = 'ready', lease_expires_at = NULL "
+                "WHERE state = 'leased' AND lease_expires_at < ?",
+                (now,),
+            )
+            undispatched = cur.rowcount
+            if returned or undispatched:
+                self._after_submit(cur)
+        return ReapReport(returned, dead, cancelled, max(0, undispatched))
+
+    def plan(self, planner: Planner, kinds: Mapping[str, KindSpec]) -> PlanReport:
+        """Grant capacity to the ready tasks the planner picks, in one transaction."""
+        with self._tx() as cur:
+            self._serialise_planners(cur)
+            now = self._now(cur)
+            cur.execute("SELECT count(*) FROM tasks WHERE state = 'leased'")
+            room = self.settings.dispatch_ahead - int(cur.fetchone()[0])
+            if room <= 0:
+                return PlanReport()
+            cur.execute(
+                "SELECT id, kind, pool, units, concurrency_key, target, due_sort FROM tasks "
+                f"WHERE state = 'ready' ORDER BY due_sort, id LIMIT {min(self.settings.plan_batch, 4 * room)}"
+            )
+            candidates = list(map(Candidate._make, cur.fetchall()))
+            if not candidates:
+                return PlanReport()
+            view, targets = self._capacity_view(cur, candidates, kinds, now)
+            plan = planner(candidates, view, now, room)
+            if plan.starts:
+                expires = now + self.settings.dispatch_timeout
+                cur.executemany(
+                    "UPDATE tasks SET state = 'leased', rank = ?, lease_expires_at = ? "
+                    "WHERE id = ? AND state = 'ready'",
+                    [(c.rank, expires, c.id) for c in plan.starts],
+                )
+                probes = {c.target for c in plan.starts} & {
+                    t for t, s in targets.items() if s.breaker == "open"
+                }
+                if probes:
+                    clause, params = self._in("target", sorted(probes))
+                    cur.execute(f"UPDATE targets SET breaker = 'half_open' WHERE {clause}", params)
+                self._after_plan(cur)
+            if plan.buckets:
+                cur.executemany(
+                    "INSERT INTO rate_buckets (key, tokens, updated_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET tokens = excluded.tokens, "
+                    "updated_at = excluded.updated_at",
+                    [(k, b.tokens, b.updated_at) for k, b in plan.buckets.items()],
+                )
+        return PlanReport(len(candidates), len(plan.starts), plan.blocked)
+
+    def _capacity_view(
+        self, cur: Cursor, candidates: list[Candidate], kinds: Mapping[str, KindSpec], now: float
+    ) -> tuple[CapacityView, dict[str, TargetState]]:
+        """What is in use, read only for the pools, keys and targets that can block someone."""
+        cur.execute("SELECT name, capacity FROM pools")
+        capacity = {row[0]: row[1] for row in cur.fetchall()}
+        bounded = sorted({c.pool for c in candidates if capacity.get(c.pool) is not None})
+        used: dict[str, int] = {}
+        if bounded:
+            clause, params = self._in("pool", bounded)
+            cur.execute(
+                f"SELECT pool, sum(units) FROM tasks WHERE state IN {ACTIVE} AND {clause} "
+                "GROUP BY pool",
+                params,
+            )
+            used = {row[0]: int(row[1]) for row in cur.fetchall()}
+        keys = sorted({c.concurrency_key for c in candidates if c.concurrency_key is not None})
+        busy: set[str] = set()
+        if keys:
+            clause, params = self._in("concurrency_key", keys)
+            cur.execute(f"SELECT concurrency_key FROM tasks WHERE state IN {ACTIVE} AND {clause}",
+                        params)
+            busy = {row[0] for row in cur.fetchall()}
+        targets = self._targets(cur)
+        cooldown = {k.target: k.breaker_cooldown for k in kinds.values()}
+        allowed = {
+            t: allowed_in_flight(s, now, cooldown.get(t, 30.0)) for t, s in targets.items()
+        }
+        limited = sorted(t for t, n in allowed.items() if n is not None)
+        in_flight: dict[str, int] = {}
+        if limited:
+            clause, params = self._in("target", limited)
+            cur.execute(
+                f"SELECT target, count(*) FROM tasks WHERE state IN {ACTIVE} AND {clause} "
+                "GROUP BY target",
+                params,
+            )
+            in_flight = {row[0]: int(row[1]) for row in cur.fetchall()}
+        limits = {
+            k.name: KindLimits(k.rate.per_second, k.rate.burst)
+            for k in kinds.values()
+            if k.rate is not None
+        }
+        buckets: dict[str, Bucket] = {}
+        if limits:
+            cur.execute("SELECT key, tokens, updated_at FROM rate_buckets")
+            buckets = {row[0]: Bucket(row[1], row[2]) for row in cur.fetchall()}
+        view = CapacityView(capacity, used, busy, in_flight, allowed, buckets, limits)
+        return view, targets
+
+    # --- schedules ------------------------------------------------------------------------
+
+    def save_schedule(self, name: str, spec: Mapping[str, Any], paused: bool) -> None:
+        with self._tx() as cur:
+            now = self._now(cur)
+            cur.execute(
+                "INSERT INTO schedules (name, spec, paused, last_tick, created_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, "
+                "paused = excluded.paused",
+                (name, json.dumps(spec), int(paused), now, now),
+            )
+
+    def schedules(self) -> list[ScheduleRow]:
+        with self._read() as cur:
+            cur.execute(
+                "SELECT name, spec, paused, last_tick, buffered_tick FROM schedules ORDER BY name"
+            )
+            return [
+                ScheduleRow(row[0], json.loads(row[1]), bool(row[2]), row[3], row[4])
+                for row in cur.fetchall()
+            ]
+
+    def set_schedule_paused(self, name: str, paused: bool) -> None:
+        with self._tx() as cur:
+            cur.execute("UPDATE schedules SET paused = ? WHERE name = ?", (int(paused), name))
+            if cur.rowcount != 1:
+                raise NotFound(f"no schedule is named {name!r}")
+
+    def delete_schedule(self, name: str) -> None:
+        with self._tx() as cur:
+            cur.execute("DELETE FROM schedules WHERE name = ?", (name,))
+            if cur.rowcount != 1:
+                raise NotFound(f"no schedule is named {name!r}")
+
+    def schedule_unfinished(self, name: str) -> list[str]:
+        """Ids of this schedule's tasks that have not reached a final state."""
+        with self._read() as cur:
+            cur.execute(
+                "SELECT id FROM tasks WHERE schedule = ? AND state IN "
+                "('pending', 'awaiting_approval', 'ready', 'leased', 'running', 'retry_wait', "
+                "'deferred', 'held') ORDER BY id",
+                (name,),
+            )
+            return [row[0] for row in cur.fetchall()]
+
+    def advance_schedule(self, name: str, last_tick: float, buffered_tick: float | None) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                "UPDATE schedules SET last_tick = ?, buffered_tick = ? WHERE name = ?",
+                (last_tick, buffered_tick, name),
+            )
+
+    # --- workers ---------------------------------------------------------------------------
+
+    def register_worker(self, worker_id: str, host: str, pid: int, kinds: Sequence[str]) -> None:
+        with self._tx() as cur:
+            now = self._now(cur)
+            cur.execute(
+                "INSERT INTO workers (id, host, pid, kinds, started_at, seen_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
+                (worker_id, host, pid, json.dumps(sorted(kinds)), now, now),
+            )
+
+    def claim(self, worker_id: str, kinds: Sequence[str], limit: int) -> list[Claim]:
+        """Take up to `limit` granted tasks of these kinds; each gets a new fencing token."""
+        with self._tx() as cur:
+            now = self._now(cur)
+            clause, params = self._in("kind", list(kinds))
+            cur.execute(
+                "UPDATE tasks SET state = 'running', worker_id = ?, "
+                "lease_token = lease_token + 1, attempt = attempt + 1, started_at = ?, "
+                "lease_expires_at = ? WHERE id IN (SELECT id FROM tasks WHERE state = 'leased' "
+                f"AND {clause} ORDER BY rank, id LIMIT {int(limit)}{self._skip_locked()}) "
+                "RETURNING id, kind, payload, lease_token, attempt",
+                [worker_id, now, now + self.settings.lease_seconds, *params],
+            )
+            return list(map(Claim._make, cur.fetchall()))
+
+    def heartbeat(self, worker_id: str) -> HeartbeatReply:
+        """Extend this worker's leases; say which it still holds and which to cancel."""
+        with self._tx() as cur:
+            now = self._now(cur)
+            cur.execute(
+                "UPDATE tasks SET lease_expires_at = ? WHERE state = 'running' AND worker_id = ?",
+                (now + self.settings.lease_seconds, worker_id),
+            )
+            cur.execute(
+                "SELECT id, lease_token, cancel_requested FROM tasks "
+                "WHERE state = 'running' AND worker_id = ?",
+                (worker_id,),
+            )
+            rows = cur.fetchall()
+            cur.execute("UPDATE workers SET seen_at = ? WHERE id = ?", (now, worker_id))
+        return HeartbeatReply(
+            {row[0]: int(row[1]) for row in rows}, frozenset(row[0] for row in rows if row[2])
+        )
+
+    def finish(
+        self, worker_id: str, finishes: Sequence[Finish], kinds: Mapping[str, KindSpec]
+    ) -> list[bool]:
+        """Record results. A result whose lease token is stale is refused (fencing)."""
+        if not finishes:
+            return []
+        fenced = self.settings.fencing
+        guard = " AND tasks.lease_token = v.token AND tasks.state = 'running'" if fenced else ""
+        with self._tx() as cur:
+            now = self._now(cur)
+            accepted: set[tuple[str, int]] = set()
+            wins = [f.result for f in finishes if f.result.ok]
+            for chunk in _chunks(wins, 400):
+                values = ", ".join(["(?, ?)"] * len(chunk))
+                cur.execute(
+                    f"WITH v (id, token) AS (VALUES {values}) UPDATE tasks SET "
+                    "state = 'succeeded', finished_at = ?, lease_expires_at = NULL, "
+                    f"last_error = NULL FROM v WHERE tasks.id = v.id{guard} RETURNING tasks.id",
+                    [*(x for r in chunk for x in (r.task_id, r.token)), now],
+                )
+                ok_ids = {row[0] for row in cur.fetchall()}
+                accepted.update((r.task_id, r.token) for r in chunk if r.task_id in ok_ids)
+            for f in finishes:
+                if not f.result.ok and self._record_failure(cur, f, now, fenced):
+                    accepted.add((f.result.task_id, f.result.token))
+            outcomes = [f for f in finishes if (f.result.task_id, f.result.token) in accepted]
+            cur.executemany(
+                "INSERT INTO attempts (task_id, attempt, token, worker_id, started_at, "
+                "finished_at, outcome, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [
+                    (
+                        f.result.task_id,
+                        f.attempt,
+                        f.result.token,
+                        worker_id,
+                        f.result.started_at,
+                        now,
+                        _outcome(f.result),
+                        f.result.error,
+                    )
+                    for f in outcomes
+                ],
+            )
+            self._update_targets(cur, outcomes, kinds, now)
+            if any(not f.result.ok for f in outcomes):
+                self._after_submit(cur)
+        return [(f.result.task_id, f.result.token) in accepted for f in finishes]
+
+    def _record_failure(self, cur: Cursor, finish: Finish, now: float, fenced: bool) -> bool:
+        r = finish.result
+        if r.cancelled:
+            state, run_at = "cancelled", None
+        elif finish.retry_delay is None:
+            state, run_at = "dead", None
+        else:
+            state, run_at = "retry_wait", now + finish.retry_delay
+        guard = " AND lease_token = ? AND state = 'running'" if fenced else ""
+        cur.execute(
+            "UPDATE tasks SET state = ?, run_at = ?, last_error = ?, last_traceback = ?, "
+            f"lease_expires_at = NULL, finished_at = ? WHERE id = ?{guard}",
+            [
+                state,
+                run_at,
+                r.error,
+                r.traceback,
+                None if state == "retry_wait" else now,
+                r.task_id,
+                *([r.token] if fenced else []),
+            ],
+        )
+        return cur.rowcount == 1
+
+    def _update_targets(
+        self, cur: Cursor, outcomes: Sequence[Finish], kinds: Mapping[str, KindSpec], now: float
+    ) -> None:
+        by_target: dict[str, list[tuple[KindSpec, Finish]]] = {}
+        for f in outcomes:
+            kind = kinds.get(f.kind)
+            if kind is None or f.result.cancelled:
+                continue
+            if kind.breaker_threshold <= 0 and kind.max_concurrency is None:
+                continue
+            by_target.setdefault(kind.target, []).append((kind, f))
+        if not by_target:
+            return
+        states = self._targets(cur)
+        for target, items in by_target.items():
+            state = states.get(target, TargetState(target))
+            if state == TargetState(target) and all(
+                f.result.ok and k.max_concurrency is None for k, f in items
+            ):
+                continue  # healthy and not adaptive: successes change nothing
+            for kind, f in items:
+                state = after_result(
+                    state,
+                    ok=f.result.ok,
+                    overloaded=f.result.overloaded,
+                    latency=f.result.duration,
+                    now=now,
+                    threshold=kind.breaker_threshold,
+                    max_concurrency=kind.max_concurrency,
+                )
+            cur.execute(
+                "INSERT INTO targets (target, breaker, consecutive_failures, opened_at, "
+                "concurrency_limit, latency_floor) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (target) DO UPDATE SET breaker = excluded.breaker, "
+                "consecutive_failures = excluded.consecutive_failures, "
+                "opened_at = excluded.opened_at, concurrency_limit = excluded.concurrency_limit, "
+                "latency_floor = excluded.latency_floor",
+                dataclasses.astuple(state),
+            )
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _outcome(result: Any) -> str:
+    if result.ok:
+        return "succeeded"
+    if result.cancelled:
+        return "cancelled"
+    return "timeout" if result.timed_out else "failed"
+
+
+def _task_row(task_id: str, task: NewTask, kind: KindSpec, now: float) -> tuple[Any, ...]:
+    release_at = now if task.release_at is None else task.release_at
+    if task.due_at is not None and task.due_at < release_at:
+        raise InvalidInput("due_at is before release_at")
+    resources = dict(task.resources or {kind.pool: kind.units})
+    if len(resources) != 1:
+        raise InvalidInput("a task uses units of exactly one pool (several are not supported yet)")
+    ((pool, units),) = resources.items()
+    try:
+        payload = _ENCODER.encode(task.payload)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"payload is not JSON: {exc}") from None
+    state = "pending" if (release_at > now or task.depends_on) else "ready"
+    due_sort = NO_DUE if task.due_at is None else task.due_at
+    return (
+        task_id,
+        task.kind,
+        payload,
+        state,
+        now,
+        release_at,
+        task.due_at,
+        due_sort,
+        task.weight,
+        task.estimate,
+        kind.retry.max_attempts,
+        task.tenant,
+        task.source,
+        task.idempotency_key,
+        pool,
+        units,
+        kind.concurrency_value(task.payload),
+        kind.target,
+        _ENCODER.encode(list(task.tags)) if task.tags else "[]",
+        1 if task.depends_on else 0,
+        due_sort,
+        task.schedule,
+    )
+
+
+def task_from_row(row: Sequence[Any], deps: tuple[str, ...] = ()) -> Task:
+    return Task(
+        id=row[0],
+        kind=row[1],
+        payload=json.loads(row[2]),
+        state=TaskState(row[3]),
+        created_at=row[4],
+        release_at=row[5],
+        due_at=row[6],
+        weight=row[7],
+        estimate=row[8],
+        attempt=row[9],
+        tenant=row[10],
+        source=row[11],
+        idempotency_key=row[12],
+        pool=row[13],
+        units=row[14],
+        concurrency_key=row[15],
+        target=row[16],
+        tags=tuple(json.loads(row[17])),
+        run_at=row[18],
+        lease_token=row[19],
+        lease_expires_at=row[20],
+        worker_id=row[21],
+        last_error=row[22],
+        last_traceback=row[23],
+        cancel_requested=bool(row[24]),
+        finished_at=row[25],
+        depends_on=deps,
+    )
+
+
+def kind_to_json(kind: KindSpec) -> dict[str, Any]:
+    data = asdict(kind)
+    data["command"] = list(kind.command) if kind.command else None
+    return data
+
+
+def kind_from_json(data: dict[str, Any]) -> KindSpec:
+    data = dict(data)
+    data["retry"] = RetryPolicy(**data["retry"])
+    data["rate"] = RateLimit(**data["rate"]) if data.get("rate") else None
+    data["command"] = tuple(data["command"]) if data.get("command") else None
+    return KindSpec(**data)
+

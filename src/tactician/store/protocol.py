@@ -1,0 +1,153 @@
+"""The storage port: what the services above need from a database, and nothing more.
+
+Every method is one transaction. Times that matter for correctness (leases, retry times) come
+from the database's clock, so workers with skewed clocks cannot extend or steal a lease.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tactician.domain import Attempt, Claim, KindSpec, NewTask, Pool, Result, TargetState, Task
+from tactician.plan.capacity import Candidate, CapacityView, Plan
+
+Planner = Callable[[list[Candidate], CapacityView, float, int], Plan]
+
+
+@dataclass(frozen=True)
+class Finish:
+    """A worker's result, with the retry decision it took from the kind's policy."""
+
+    result: Result
+    kind: str
+    attempt: int
+    retry_delay: float | None
+    """Seconds until the next attempt; None when the task is dead (ignored on success)."""
+
+
+@dataclass(frozen=True)
+class HeartbeatReply:
+    held: Mapping[str, int]
+    """Task id → lease token for every task this worker still holds."""
+    cancel: frozenset[str]
+    """Tasks an operator asked to cancel."""
+
+
+@dataclass(frozen=True)
+class ReapReport:
+    returned: int = 0  # running tasks whose worker vanished, back to ready
+    dead: int = 0  # ... out of attempts
+    cancelled: int = 0  # ... with a cancel request
+    undispatched: int = 0  # granted capacity no worker took, back to ready
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    considered: int = 0
+    started: int = 0
+    blocked: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PoolUsage:
+    pool: Pool
+    used: int
+    ready: int
+    leased: int
+    running: int
+
+
+@dataclass(frozen=True)
+class ScheduleRow:
+    name: str
+    spec: dict[str, Any]
+    paused: bool
+    last_tick: float | None
+    buffered_tick: float | None
+
+
+@dataclass(frozen=True)
+class TaskFilter:
+    state: str | None = None
+    kind: str | None = None
+    source: str | None = None
+    limit: int = 100
+    after_id: str | None = None
+
+
+class Store(Protocol):
+    url: str
+
+    def close(self) -> None: ...
+
+    def db_now(self) -> float: ...
+
+    # kinds and pools
+    def register_kinds(self, kinds: Sequence[KindSpec]) -> None: ...
+
+    def kinds(self) -> dict[str, KindSpec]: ...
+
+    def set_pool(self, name: str, capacity: int | None) -> None: ...
+
+    def pools(self) -> list[PoolUsage]: ...
+
+    def targets(self) -> list[TargetState]: ...
+
+    # submitting and reading
+    def submit(self, tasks: Sequence[NewTask], kinds: Mapping[str, KindSpec]) -> list[str]: ...
+
+    def get(self, task_id: str) -> Task: ...
+
+    def list_tasks(self, query: TaskFilter) -> list[Task]: ...
+
+    def counts(self) -> dict[str, int]: ...
+
+    def attempts(self, task_id: str) -> list[Attempt]: ...
+
+    # operators
+    def cancel(self, task_id: str) -> Task: ...
+
+    def retry(self, task_id: str) -> Task: ...
+
+    # the planner
+    def try_lead(self, holder: str, ttl: float) -> bool: ...
+
+    def resign(self, holder: str) -> None: ...
+
+    def promote(self) -> int: ...
+
+    def reap(self) -> ReapReport: ...
+
+    def plan(self, planner: Planner, kinds: Mapping[str, KindSpec]) -> PlanReport: ...
+
+    # schedules
+    def save_schedule(self, name: str, spec: Mapping[str, Any], paused: bool) -> None: ...
+
+    def schedules(self) -> list[ScheduleRow]: ...
+
+    def set_schedule_paused(self, name: str, paused: bool) -> None: ...
+
+    def delete_schedule(self, name: str) -> None: ...
+
+    def schedule_unfinished(self, name: str) -> list[str]: ...
+
+    def advance_schedule(
+        self, name: str, last_tick: float, buffered_tick: float | None
+    ) -> None: ...
+
+    # workers
+    def register_worker(self, worker_id: str, host: str, pid: int, kinds: Sequence[str]) -> None: ...
+
+    def claim(self, worker_id: str, kinds: Sequence[str], limit: int) -> list[Claim]: ...
+
+    def heartbeat(self, worker_id: str) -> HeartbeatReply: ...
+
+    def finish(
+        self, worker_id: str, finishes: Sequence[Finish], kinds: Mapping[str, KindSpec]
+    ) -> list[bool]: ...
+
+    def wait_for_work(self, timeout: float) -> None:
+        """Block until something may have changed (NOTIFY), or timeout."""
+        ...

@@ -1,0 +1,111 @@
+"""The embedded default: one SQLite file in WAL mode; BEGIN IMMEDIATE serialises writers."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tactician.errors import InvalidInput, StoreUnavailable
+from tactician.settings import Settings
+from tactician.store.base import Cursor, SqlStore
+
+BUSY_TIMEOUT_S = 30.0
+
+
+def sqlite_path(url: str) -> str:
+    if not url.startswith("sqlite:///"):
+        raise InvalidInput(f"not a SQLite URL (sqlite:///path.db): {url}")
+    return url.removeprefix("sqlite:///") or ":memory:"
+
+
+class SqliteStore(SqlStore):
+    dialect = "sqlite"
+
+    def __init__(self, url: str, settings: Settings) -> None:
+        super().__init__(url, settings)
+        path = sqlite_path(url)
+        if path != ":memory:" and not Path(path).parent.exists():
+            raise StoreUnavailable(f"cannot open {url}: folder {Path(path).parent} does not exist")
+        # Writers queue on an flock of their own: the kernel wakes the next one the moment the
+        # lock is free, where SQLite's busy handler would sleep 1-100 ms between retries.
+        self._lock_fd = (
+            os.open(f"{path}-lock", os.O_RDWR | os.O_CREAT, 0o644) if path != ":memory:" else None
+        )
+        try:
+            self.conn = sqlite3.connect(
+                path, isolation_level=None, timeout=BUSY_TIMEOUT_S, check_same_thread=False
+            )
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            self.conn.execute(f"PRAGMA synchronous = {settings.sqlite_synchronous}")
+            self.conn.execute("PRAGMA cache_size = -65536")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open {url}: {exc}") from None
+
+    def close(self) -> None:
+        self.conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _migrate(self) -> None:
+        with self._tx() as cur:
+            applied = self._applied_versions(cur)
+            for version, script in self._migrations():
+                if version in applied:
+                    continue
+                for statement in script.split(";\n"):
+                    if statement.strip():
+                        cur.execute(statement)
+                cur.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                    (version, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+                )
+
+    @contextmanager
+    def _tx(self) -> Iterator[Cursor]:
+        if self._lock_fd is None:
+            yield from self._transaction("BEGIN IMMEDIATE")
+            return
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield from self._transaction("BEGIN IMMEDIATE")
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    @contextmanager
+    def _read(self) -> Iterator[Cursor]:
+        yield from self._transaction("BEGIN")
+
+    def _transaction(self, begin: str) -> Iterator[Cursor]:
+        cur = self.conn.cursor()
+        try:
+            cur.execute(begin)
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"database busy or unavailable: {exc}") from None
+        try:
+            yield cur
+        except BaseException:
+            self.conn.rollback()
+            raise
+        else:
+            cur.execute("COMMIT")
+        finally:
+            cur.close()
+
+    def _now_sql(self) -> str:
+        return "(julianday('now') - 2440587.5) * 86400.0"
+
+    def _in(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        if not values:
+            return "1 = 0", []
+        return f"{column} IN ({', '.join('?' * len(values))})", list(values)
+
+    def _sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
