@@ -49,6 +49,11 @@ TASK_COLUMNS = (
     "lease_token, lease_expires_at, worker_id, last_error, last_traceback, cancel_requested, "
     "finished_at"
 )
+INSERT_COLUMNS = (
+    "id, kind, payload, state, created_at, release_at, due_at, due_sort, weight, estimate, "
+    "max_attempts, tenant, source, idempotency_key, pool, units, concurrency_key, target, tags, "
+    "has_deps, rank, schedule"
+)
 ACTIVE = "('leased', 'running')"
 # States a dependency can end in without succeeding: its dependents die too.
 FAILED_UPSTREAM = "('dead', 'cancelled', 'rejected', 'expired')"
@@ -233,14 +238,7 @@ class SqlStore:
                     keyed[task.idempotency_key] = i
                 rows.append(_task_row(task_id, task, kinds[task.kind], now))
                 deps.extend((task_id, d) for d in task.depends_on)
-            cur.executemany(
-                "INSERT INTO tasks (id, kind, payload, state, created_at, release_at, due_at, "
-                "due_sort, weight, estimate, max_attempts, tenant, source, idempotency_key, "
-                "pool, units, concurrency_key, target, tags, has_deps, rank, schedule) VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT DO NOTHING",
-                rows,
-            )
+            self._insert_tasks(cur, rows)
             if keyed:
                 # Existing tasks with these keys win; map every key to its task's id.
                 clause, params = self._in("idempotency_key", list(keyed))
@@ -261,6 +259,13 @@ class SqlStore:
                 )
             self._after_submit(cur)
         return ids
+
+    def _insert_tasks(self, cur: Cursor, rows: Sequence[tuple[Any, ...]]) -> None:
+        cur.executemany(
+            f"INSERT INTO tasks ({INSERT_COLUMNS}) VALUES "
+            f"({', '.join('?' * len(INSERT_COLUMNS.split(',')))}) ON CONFLICT DO NOTHING",
+            rows,
+        )
 
     def _check_exist(self, cur: Cursor, task_ids: set[str]) -> None:
         clause, params = self._in("id", sorted(task_ids))

@@ -16,13 +16,21 @@ import psycopg
 
 from tactician.errors import StoreUnavailable
 from tactician.settings import Settings
-from tactician.store.base import Cursor, SqlStore
+from tactician.store.base import INSERT_COLUMNS, Cursor, SqlStore
 
 LEADER_LOCK = 0x7AC7_1C1A  # pg_try_advisory_lock key held by the active planner
 PLAN_LOCK = 0x7AC7_1C1B  # pg_advisory_xact_lock key of every plan transaction
 MIGRATE_LOCK = 0x7AC7_1C1C
 CHANNEL_PLANNER = "tactician_planner"  # something became ready
 CHANNEL_WORKERS = "tactician_workers"  # capacity was granted
+
+
+# The PostgreSQL types of INSERT_COLUMNS, in order.
+_INSERT_TYPES = (
+    "text", "text", "text", "text", "float8", "float8", "float8", "float8", "float8", "float8",
+    "int4", "text", "text", "text", "text", "int4", "text", "text", "text", "int4", "float8",
+    "text",
+)
 
 
 class _Cursor:
@@ -92,6 +100,18 @@ class PostgresStore(SqlStore):
                 yield _Cursor(cur)
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(f"database unavailable: {exc}") from None
+
+    def _insert_tasks(self, cur: Cursor, rows: Sequence[tuple[Any, ...]]) -> None:
+        """One INSERT … SELECT FROM unnest(arrays): one statement, however many rows."""
+        if not rows:
+            return
+        columns = list(zip(*rows, strict=True))
+        casts = ", ".join(f"?::{t}[]" for t in _INSERT_TYPES)
+        cur.execute(
+            f"INSERT INTO tasks ({INSERT_COLUMNS}) SELECT * FROM unnest({casts}) "
+            "ON CONFLICT DO NOTHING",
+            [list(column) for column in columns],
+        )
 
     def _now_sql(self) -> str:
         return "extract(epoch from clock_timestamp())::float8"

@@ -1,0 +1,478 @@
+"""The `tactician` command. Bad input ends with one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tactician.app import Tactician
+from tactician.domain import Task
+from tactician.errors import InvalidInput, TacticianError
+from tactician.run.worker import WorkerOptions
+from tactician.settings import Settings
+from tactician.store.protocol import TaskFilter
+
+cli = typer.Typer(
+    name="tactician",
+    help="Tactician: decides what runs when, runs it durably, keeps humans in charge.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+tasks_cli = typer.Typer(help="List, inspect, cancel and retry tasks.", no_args_is_help=True)
+schedules_cli = typer.Typer(help="Recurring tasks: cron or intervals.", no_args_is_help=True)
+bench_cli = typer.Typer(help="Benchmarks.", no_args_is_help=True)
+cli.add_typer(tasks_cli, name="tasks")
+cli.add_typer(schedules_cli, name="schedules")
+cli.add_typer(bench_cli, name="bench")
+
+out = Console(highlight=False)
+F = TypeVar("F", bound=Callable[..., Any])
+
+DbOption = Annotated[
+    str | None,
+    typer.Option("--db", help="Database URL (sqlite:///path.db or postgresql://…); "
+                 "default $TACTICIAN_DB or sqlite:///tactician.db."),
+]
+AppOption = Annotated[
+    str | None, typer.Option("--app", help="Your app as module:attribute, e.g. myapp.tasks:app.")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _open(db: str | None, app_path: str | None = None) -> Tactician:
+    if app_path:
+        app = load_app(app_path)
+        if db:
+            app.settings = Settings.from_env(db=db)
+        return app
+    return Tactician(settings=Settings.from_env(db=db))
+
+
+def load_app(path: str) -> Tactician:
+    """Import `module:attribute` and return the Tactician it names."""
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise InvalidInput(f"--app must look like module:attribute, got {path!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InvalidInput(f"cannot import {module_name}: {exc}") from None
+    app = getattr(module, attribute, None)
+    if not isinstance(app, Tactician):
+        raise InvalidInput(f"{path} is not a Tactician app")
+    return app
+
+
+def _time(text: str | None, name: str) -> float | None:
+    """Seconds since the epoch, an ISO 8601 time with a zone, or +N (seconds from now)."""
+    if text is None:
+        return None
+    text = text.strip()
+    try:
+        if text.startswith("+"):
+            return dt.datetime.now(dt.UTC).timestamp() + float(text[1:])
+        try:
+            return float(text)
+        except ValueError:
+            when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(f"--{name}: not a time (epoch seconds, ISO 8601 or +seconds): "
+                           f"{text!r}") from None
+    if when.tzinfo is None:
+        raise InvalidInput(f"--{name}: give a time zone, e.g. {text}Z or {text}+01:00")
+    return when.timestamp()
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, default=str, sort_keys=True) + "\n")
+
+
+def _task_json(task: Task) -> dict[str, Any]:
+    data = asdict(task)
+    data["state"] = str(task.state)
+    return data
+
+
+def _fmt_time(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return dt.datetime.fromtimestamp(value, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+@cli.command()
+def serve(
+    app: AppOption = None,
+    db: DbOption = None,
+    workers: Annotated[int, typer.Option(min=0, help="Worker processes.")] = 2,
+    concurrency: Annotated[int, typer.Option(min=1, help="Runners per worker.")] = 1,
+    batch: Annotated[int, typer.Option(min=1, help="Tasks claimed per runner at once.")] = 1,
+) -> None:
+    """Run the planner and local worker processes until Ctrl-C."""
+    _logging()
+    the_app = _open(db, app)
+    the_app.serve(workers, WorkerOptions(concurrency=concurrency, batch=batch))
+
+
+@cli.command()
+def worker(
+    app: Annotated[str, typer.Option("--app", help="Your app as module:attribute.")],
+    db: DbOption = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Runner processes.")] = 1,
+    batch: Annotated[int, typer.Option(min=1, help="Tasks claimed per runner at once.")] = 1,
+) -> None:
+    """Run a worker for the app's task kinds until Ctrl-C or SIGTERM."""
+    _logging()
+    _open(db, app).run_worker(WorkerOptions(concurrency=concurrency, batch=batch))
+
+
+@cli.command()
+def planner(app: AppOption = None, db: DbOption = None) -> None:
+    """Run a planner (one is active; others stand by) until Ctrl-C or SIGTERM."""
+    _logging()
+    _open(db, app).run_planner()
+
+
+@cli.command()
+def demo(
+    db: DbOption = None,
+    seconds: Annotated[float, typer.Option(min=1, help="How long to run.")] = 60.0,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 2,
+) -> None:
+    """A local server with a sample workload streaming in, and a live view of it."""
+    from tactician.cli.demo import run_demo
+
+    run_demo(db, seconds, workers)
+
+
+# --- submitting and inspecting ------------------------------------------------------------------
+
+
+@cli.command()
+def submit(
+    kind: Annotated[str, typer.Argument(help="The task kind.")],
+    payload: Annotated[str, typer.Argument(help="A JSON object.")] = "{}",
+    db: DbOption = None,
+    app: AppOption = None,
+    due_at: Annotated[str | None, typer.Option(help="Deadline: epoch, ISO 8601, +seconds.")] = None,
+    release_at: Annotated[str | None, typer.Option(help="Earliest start.")] = None,
+    weight: Annotated[float, typer.Option(help="Value of being on time.")] = 1.0,
+    estimate: Annotated[float | None, typer.Option(help="Expected seconds.")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Idempotency key.")] = None,
+    depends_on: Annotated[list[str] | None, typer.Option(help="Task ids to wait for.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Submit one task; prints its id."""
+    try:
+        data = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"payload is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("payload must be a JSON object")
+    due, release = _time(due_at, "due-at"), _time(release_at, "release-at")
+    the_app = _open(db, app)
+    task_id = the_app.submit(
+        kind,
+        data,
+        due_at=due,
+        release_at=release,
+        weight=weight,
+        estimate=estimate,
+        idempotency_key=key,
+        depends_on=depends_on or (),
+        source="cli",
+    )
+    if as_json:
+        _print_json({"id": task_id})
+    else:
+        out.print(task_id)
+
+
+@tasks_cli.command("list")
+def tasks_list(
+    db: DbOption = None,
+    state: Annotated[str | None, typer.Option(help="Only this state.")] = None,
+    kind: Annotated[str | None, typer.Option(help="Only this kind.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10000)] = 50,
+    after: Annotated[str | None, typer.Option(help="Page: ids after this one.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List tasks, oldest first."""
+    tasks = _open(db).tasks(TaskFilter(state=state, kind=kind, limit=limit, after_id=after))
+    if as_json:
+        _print_json([_task_json(t) for t in tasks])
+        return
+    table = Table("id", "kind", "state", "attempt", "due", "pool", "last error")
+    for t in tasks:
+        table.add_row(t.id, t.kind, str(t.state), str(t.attempt), _fmt_time(t.due_at), t.pool,
+                      (t.last_error or "")[:60])
+    out.print(table)
+
+
+@tasks_cli.command("show")
+def tasks_show(task_id: str, db: DbOption = None, as_json: JsonOption = False) -> None:
+    """One task with its attempts."""
+    app = _open(db)
+    task = app.get(task_id)
+    attempts = app.store.attempts(task_id)
+    if as_json:
+        _print_json({**_task_json(task), "attempts": [asdict(a) for a in attempts]})
+        return
+    for field, value in _task_json(task).items():
+        if field != "last_traceback":
+            out.print(f"[bold]{field:>18}[/bold]  {value}")
+    for a in attempts:
+        out.print(f"  attempt {a.attempt} (token {a.token}) on {a.worker_id}: {a.outcome} "
+                  f"at {_fmt_time(a.finished_at)} {a.error or ''}")
+    if task.last_traceback:
+        out.print(task.last_traceback)
+
+
+@tasks_cli.command("cancel")
+def tasks_cancel(task_id: str, db: DbOption = None, as_json: JsonOption = False) -> None:
+    """Cancel a task; a running one is stopped within a heartbeat."""
+    task = _open(db).cancel(task_id)
+    if as_json:
+        _print_json(_task_json(task))
+    elif task.cancel_requested:
+        out.print(f"{task_id}: cancel requested; the worker stops it within a heartbeat")
+    else:
+        out.print(f"{task_id}: {task.state}")
+
+
+@tasks_cli.command("retry")
+def tasks_retry(task_id: str, db: DbOption = None, as_json: JsonOption = False) -> None:
+    """Give a dead or cancelled task one more attempt."""
+    task = _open(db).retry(task_id)
+    if as_json:
+        _print_json(_task_json(task))
+    else:
+        out.print(f"{task_id}: {task.state}")
+
+
+@cli.command()
+def pools(
+    db: DbOption = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="NAME=UNITS (or NAME=unbounded).")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Pools with their capacity and use, and the state of each downstream target."""
+    app = _open(db)
+    for item in set_ or []:
+        name, _, value = item.partition("=")
+        if not name or not value:
+            raise InvalidInput(f"--set wants NAME=UNITS, got {item!r}")
+        if value == "unbounded":
+            capacity = None
+        elif value.isdigit():
+            capacity = int(value)
+        else:
+            raise InvalidInput(f"--set {item}: units must be a whole number >= 0 or 'unbounded'")
+        app.store.set_pool(name, capacity)
+    usage = app.store.pools()
+    targets = app.store.targets()
+    if as_json:
+        _print_json(
+            {
+                "pools": [
+                    {"name": u.pool.name, "capacity": u.pool.capacity, "used": u.used,
+                     "ready": u.ready, "leased": u.leased, "running": u.running}
+                    for u in usage
+                ],
+                "targets": [asdict(t) for t in targets],
+            }
+        )
+        return
+    table = Table("pool", "capacity", "used", "ready", "granted", "running")
+    for u in usage:
+        cap = "∞" if u.pool.capacity is None else str(u.pool.capacity)
+        table.add_row(u.pool.name, cap, str(u.used), str(u.ready), str(u.leased), str(u.running))
+    out.print(table)
+    if targets:
+        ttable = Table("target", "breaker", "failures in a row", "adaptive limit")
+        for t in targets:
+            limit = "-" if t.limit is None else f"{t.limit:.1f}"
+            ttable.add_row(t.target, t.breaker, str(t.consecutive_failures), limit)
+        out.print(ttable)
+
+
+# --- schedules ---------------------------------------------------------------------------------
+
+
+@schedules_cli.command("add")
+def schedules_add(
+    name: str,
+    kind: Annotated[str, typer.Option(help="Task kind each tick creates.")],
+    cron: Annotated[str | None, typer.Option(help="5-field cron expression.")] = None,
+    every: Annotated[str | None, typer.Option(help="Interval: 30s, 5m, 1h30m.")] = None,
+    tz: Annotated[str, typer.Option(help="IANA time zone of the cron expression.")] = "UTC",
+    jitter: Annotated[float, typer.Option(help="Max seconds of delay per tick.")] = 0.0,
+    overlap: Annotated[str, typer.Option(help="skip|buffer_one|allow_all|cancel_running")] = "skip",
+    catchup: Annotated[float, typer.Option(help="Catch-up window after downtime (s).")] = 60.0,
+    payload: Annotated[str, typer.Option(help="JSON object for each task.")] = "{}",
+    paused: Annotated[bool, typer.Option(help="Create paused.")] = False,
+    db: DbOption = None,
+    app: AppOption = None,
+) -> None:
+    """Create or replace a schedule."""
+    from tactician.plan.schedules import ScheduleSpec, parse_every
+    from tactician.run.schedules import ScheduleService
+
+    try:
+        data = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"payload is not JSON: {exc}") from None
+    spec = ScheduleSpec(
+        name=name,
+        kind=kind,
+        payload=data,
+        cron=cron,
+        every=parse_every(every) if every else None,
+        timezone=tz,
+        jitter=jitter,
+        overlap=overlap,  # type: ignore[arg-type]  # validated by ScheduleSpec
+        catchup_window=catchup,
+        paused=paused,
+    )
+    the_app = _open(db, app)
+    ScheduleService(the_app.store, the_app).save(spec)
+    out.print(f"schedule {name} saved")
+
+
+@schedules_cli.command("list")
+def schedules_list(db: DbOption = None, as_json: JsonOption = False) -> None:
+    """Every schedule with its next tick."""
+    from tactician.plan.schedules import next_tick
+    from tactician.run.schedules import spec_from_row
+
+    app = _open(db)
+    rows = app.store.schedules()
+    now = app.store.db_now()
+    listing = []
+    for row in rows:
+        spec = spec_from_row(row)
+        listing.append({**row.spec, "paused": row.paused, "last_tick": row.last_tick,
+                        "next_tick": None if row.paused else next_tick(spec, now)})
+    if as_json:
+        _print_json(listing)
+        return
+    table = Table("name", "kind", "when", "tz", "overlap", "paused", "next tick")
+    for item in listing:
+        when = item["cron"] or f"every {item['every']:g}s"
+        table.add_row(item["name"], item["kind"], when, item["timezone"], item["overlap"],
+                      "yes" if item["paused"] else "no", _fmt_time(item["next_tick"]))
+    out.print(table)
+
+
+@schedules_cli.command("pause")
+def schedules_pause(name: str, db: DbOption = None) -> None:
+    """Stop firing (ticks while paused are dropped)."""
+    _open(db).store.set_schedule_paused(name, True)
+    out.print(f"schedule {name} paused")
+
+
+@schedules_cli.command("resume")
+def schedules_resume(name: str, db: DbOption = None) -> None:
+    """Fire again from the next tick."""
+    _open(db).store.set_schedule_paused(name, False)
+    out.print(f"schedule {name} resumed")
+
+
+@schedules_cli.command("delete")
+def schedules_delete(name: str, db: DbOption = None) -> None:
+    """Delete a schedule (its tasks stay)."""
+    _open(db).store.delete_schedule(name)
+    out.print(f"schedule {name} deleted")
+
+
+@schedules_cli.command("backfill")
+def schedules_backfill(
+    name: str,
+    start: Annotated[str, typer.Option(help="Start of the range (epoch or ISO 8601).")],
+    end: Annotated[str, typer.Option(help="End of the range.")],
+    db: DbOption = None,
+    app: AppOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """One task per tick of a past range (ticks already run are not repeated)."""
+    from tactician.run.schedules import ScheduleService
+
+    first, last = _time(start, "start"), _time(end, "end")
+    assert first is not None and last is not None
+    the_app = _open(db, app)
+    ids = ScheduleService(the_app.store, the_app).backfill(name, first, last)
+    if as_json:
+        _print_json({"ids": ids})
+    else:
+        out.print(f"{len(ids)} ticks backfilled for {name}")
+
+
+# --- benchmarks --------------------------------------------------------------------------------
+
+
+@bench_cli.command("throughput")
+def bench_throughput(
+    tasks: Annotated[int, typer.Option(min=1)] = 20000,
+    workers: Annotated[int, typer.Option(min=1)] = 2,
+    runs: Annotated[int, typer.Option(min=1)] = 3,
+    batch: Annotated[int, typer.Option(min=1, help="Tasks claimed per worker at once.")] = 500,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """No-op tasks end to end through real planner and worker processes (median of runs)."""
+    from tactician.cli.bench import throughput
+
+    figures = throughput(db, tasks, workers, runs, batch)
+    if as_json:
+        _print_json(figures)
+        return
+    for key, value in figures.items():
+        out.print(f"{key:>18}  {value}")
+
+
+def _logging() -> None:
+    """One line per event, UTC timestamps, to stderr."""
+    logging.Formatter.converter = __import__("time").gmtime
+    logging.basicConfig(
+        level=os.environ.get("TACTICIAN_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s.%(msecs)03dZ %(levelname)s %(processName)s %(name)s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except TacticianError as exc:
+        sys.stderr.write(f"error: {exc.message}\n")
+        sys.exit(2)
+    except typer.Abort:
+        sys.stderr.write("aborted\n")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:
+        # Usage errors from Typer's click (vendored in recent Typer, so matched by shape).
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            sys.stderr.write(f"error: {exc.format_message()}\n")
+            sys.exit(2)
+        raise
