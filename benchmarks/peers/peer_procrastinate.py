@@ -68,7 +68,7 @@ def worker_commands(ctx: Any) -> list[list[str]]:
             "warning",
             "worker",
             "--concurrency",
-            "1",
+            os.environ.get("XCONC", "1"),
             "--name",
             f"bench-{i}",
         ]

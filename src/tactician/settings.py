@@ -54,4 +54,6 @@ def _convert(name: str, raw: str, kind: type) -> Any:
             return raw.lower() in {"1", "true", "yes"}
         return kind(raw)
     except ValueError:
-        raise InvalidInput(f"TACTICIAN_{name.upper()}={raw!r} is not a valid {kind.__name__}")
+        raise InvalidInput(
+            f"TACTICIAN_{name.upper()}={raw!r} is not a valid {kind.__name__}"
+        ) from None

@@ -82,8 +82,11 @@ def _stream(app: Tactician, rng: random.Random, now: float, serial: int) -> int:
         tasks.append(
             NewTask(
                 "deliver",
-                {"order_id": f"A{serial}", "customer": customer,
-                 "seconds": round(rng.uniform(0.5, 2.5), 2)},
+                {
+                    "order_id": f"A{serial}",
+                    "customer": customer,
+                    "seconds": round(rng.uniform(0.5, 2.5), 2),
+                },
                 due_at=now + rng.uniform(5, 40),
                 weight=rng.choice([1.0, 1.0, 3.0]),
                 estimate=1.5,
@@ -113,8 +116,9 @@ def _view(app: Tactician, started: float, seconds: float) -> Group:
     pools = Table("pool", "capacity", "in use", "ready", "running", title="Pools")
     for usage in app.store.pools():
         capacity = "∞" if usage.pool.capacity is None else str(usage.pool.capacity)
-        pools.add_row(usage.pool.name, capacity, str(usage.used), str(usage.ready),
-                      str(usage.running))
+        pools.add_row(
+            usage.pool.name, capacity, str(usage.used), str(usage.ready), str(usage.running)
+        )
     running = _recent(app, "running", 8)
     queue = _recent(app, "ready", 8)
     finished = app.tasks(TaskFilter(state="succeeded", limit=10_000))[-6:]
@@ -140,8 +144,14 @@ def _table(title: str, tasks: list[Task]) -> Table:
     for t in tasks:
         due = "-" if t.due_at is None else f"{t.due_at - now:+.0f}s"
         detail: Any = t.last_error if t.state == "dead" else t.payload
-        table.add_row(t.id[-8:], t.kind, f"[{STATE_STYLE.get(t.state, 'white')}]{t.state}[/]",
-                      str(t.attempt), due, str(detail)[:70])
+        table.add_row(
+            t.id[-8:],
+            t.kind,
+            f"[{STATE_STYLE.get(t.state, 'white')}]{t.state}[/]",
+            str(t.attempt),
+            due,
+            str(detail)[:70],
+        )
     return table
 
 
@@ -189,8 +199,11 @@ def run_demo(db: str | None, seconds: float, workers: int) -> None:
         server.terminate()
         server.join(30)
     counts = app.store.counts()
-    late = [t for t in app.tasks(TaskFilter(state="succeeded", kind="deliver", limit=10_000))
-            if t.due_at is not None and t.finished_at is not None and t.finished_at > t.due_at]
+    late = [
+        t
+        for t in app.tasks(TaskFilter(state="succeeded", kind="deliver", limit=10_000))
+        if t.due_at is not None and t.finished_at is not None and t.finished_at > t.due_at
+    ]
     print(f"\nsubmitted {sum(counts.values())} tasks: {counts}")
     print(f"deliveries finished late: {len(late)}")
     print(f"inspect with: tactician tasks list --db {db} --state dead")

@@ -42,8 +42,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 DbOption = Annotated[
     str | None,
-    typer.Option("--db", help="Database URL (sqlite:///path.db or postgresql://…); "
-                 "default $TACTICIAN_DB or sqlite:///tactician.db."),
+    typer.Option(
+        "--db",
+        help="Database URL (sqlite:///path.db or postgresql://…); "
+        "default $TACTICIAN_DB or sqlite:///tactician.db.",
+    ),
 ]
 AppOption = Annotated[
     str | None, typer.Option("--app", help="Your app as module:attribute, e.g. myapp.tasks:app.")
@@ -90,8 +93,9 @@ def _time(text: str | None, name: str) -> float | None:
         except ValueError:
             when = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise InvalidInput(f"--{name}: not a time (epoch seconds, ISO 8601 or +seconds): "
-                           f"{text!r}") from None
+        raise InvalidInput(
+            f"--{name}: not a time (epoch seconds, ISO 8601 or +seconds): {text!r}"
+        ) from None
     if when.tzinfo is None:
         raise InvalidInput(f"--{name}: give a time zone, e.g. {text}Z or {text}+01:00")
     return when.timestamp()
@@ -220,8 +224,15 @@ def tasks_list(
         return
     table = Table("id", "kind", "state", "attempt", "due", "pool", "last error")
     for t in tasks:
-        table.add_row(t.id, t.kind, str(t.state), str(t.attempt), _fmt_time(t.due_at), t.pool,
-                      (t.last_error or "")[:60])
+        table.add_row(
+            t.id,
+            t.kind,
+            str(t.state),
+            str(t.attempt),
+            _fmt_time(t.due_at),
+            t.pool,
+            (t.last_error or "")[:60],
+        )
     out.print(table)
 
 
@@ -238,8 +249,10 @@ def tasks_show(task_id: str, db: DbOption = None, as_json: JsonOption = False) -
         if field != "last_traceback":
             out.print(f"[bold]{field:>18}[/bold]  {value}")
     for a in attempts:
-        out.print(f"  attempt {a.attempt} (token {a.token}) on {a.worker_id}: {a.outcome} "
-                  f"at {_fmt_time(a.finished_at)} {a.error or ''}")
+        out.print(
+            f"  attempt {a.attempt} (token {a.token}) on {a.worker_id}: {a.outcome} "
+            f"at {_fmt_time(a.finished_at)} {a.error or ''}"
+        )
     if task.last_traceback:
         out.print(task.last_traceback)
 
@@ -293,8 +306,14 @@ def pools(
         _print_json(
             {
                 "pools": [
-                    {"name": u.pool.name, "capacity": u.pool.capacity, "used": u.used,
-                     "ready": u.ready, "leased": u.leased, "running": u.running}
+                    {
+                        "name": u.pool.name,
+                        "capacity": u.pool.capacity,
+                        "used": u.used,
+                        "ready": u.ready,
+                        "leased": u.leased,
+                        "running": u.running,
+                    }
                     for u in usage
                 ],
                 "targets": [asdict(t) for t in targets],
@@ -369,16 +388,29 @@ def schedules_list(db: DbOption = None, as_json: JsonOption = False) -> None:
     listing = []
     for row in rows:
         spec = spec_from_row(row)
-        listing.append({**row.spec, "paused": row.paused, "last_tick": row.last_tick,
-                        "next_tick": None if row.paused else next_tick(spec, now)})
+        listing.append(
+            {
+                **row.spec,
+                "paused": row.paused,
+                "last_tick": row.last_tick,
+                "next_tick": None if row.paused else next_tick(spec, now),
+            }
+        )
     if as_json:
         _print_json(listing)
         return
     table = Table("name", "kind", "when", "tz", "overlap", "paused", "next tick")
     for item in listing:
         when = item["cron"] or f"every {item['every']:g}s"
-        table.add_row(item["name"], item["kind"], when, item["timezone"], item["overlap"],
-                      "yes" if item["paused"] else "no", _fmt_time(item["next_tick"]))
+        table.add_row(
+            item["name"],
+            item["kind"],
+            when,
+            item["timezone"],
+            item["overlap"],
+            "yes" if item["paused"] else "no",
+            _fmt_time(item["next_tick"]),
+        )
     out.print(table)
 
 

@@ -55,7 +55,9 @@ def allowed_in_flight(state: TargetState | None, now: float, cooldown: float) ->
 
 def breaker_may_probe(state: TargetState, now: float, cooldown: float) -> bool:
     return (
-        state.breaker == "open" and state.opened_at is not None and now - state.opened_at >= cooldown
+        state.breaker == "open"
+        and state.opened_at is not None
+        and now - state.opened_at >= cooldown
     )
 
 

@@ -16,7 +16,6 @@ import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from multiprocessing.sharedctypes import Synchronized
 from typing import Any, NamedTuple
 
 from tactician.errors import HandlerError, TargetOverloaded
@@ -117,7 +116,7 @@ class Runner:
 
     def _spawn(self) -> None:
         self.conn, child = _CTX.Pipe()
-        self.progress: Synchronized[Any] | Any = _CTX.RawArray("d", 2)
+        self.progress: Any = _CTX.RawArray("d", 2)  # [job index, start (monotonic)]
         self.process = _CTX.Process(
             target=_runner_main, args=(child, self.progress, self._make_executors), daemon=True
         )

@@ -62,7 +62,8 @@ FAILED_UPSTREAM = "('dead', 'cancelled', 'rejected', 'expired')"
 class Cursor(Protocol):
     """What both DB-API cursors (sqlite3, psycopg) give us."""
 
-    rowcount: int
+    @property
+    def rowcount(self) -> int: ...
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any: ...
 
@@ -84,6 +85,9 @@ class SqlStore:
         self.settings = settings
 
     # --- what an adapter supplies ---------------------------------------------------------
+
+    def close(self) -> None:
+        raise NotImplementedError
 
     def _tx(self) -> AbstractContextManager[Cursor]:
         """A write transaction; serialised with other writers where the claim needs it."""
@@ -225,7 +229,7 @@ class SqlStore:
             ids = new_ids(len(tasks), now)
             keyed: dict[str, int] = {}
             rows = []
-            deps = []
+            deps: list[tuple[str, str]] = []
             in_batch = set(ids)
             wanted_deps = {d for t in tasks for d in t.depends_on} - in_batch
             if wanted_deps:
@@ -673,7 +677,8 @@ class SqlStore:
             outcomes = [f for f in finishes if (f.result.task_id, f.result.token) in accepted]
             cur.executemany(
                 "INSERT INTO attempts (task_id, attempt, token, worker_id, started_at, "
-                "finished_at, outcome, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                "finished_at, outcome, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
                 [
                     (
                         f.result.task_id,

@@ -44,10 +44,10 @@ class _Cursor:
         return self._cur.rowcount
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        return self._cur.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+        return self._cur.execute(sql.replace("?", "%s"), params)
 
     def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> Any:
-        return self._cur.executemany(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+        return self._cur.executemany(sql.replace("?", "%s"), params)
 
     def fetchall(self) -> list[Any]:
         return self._cur.fetchall()
