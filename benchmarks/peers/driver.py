@@ -112,11 +112,17 @@ class Workers:
         for proc in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        lingering = []
         for proc in self.procs:  # the leader may be gone while children linger
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, 0)
+                lingering.append(proc.pid)
+        # Leave run.py only the groups that still exist: an emptied group's number may be reused.
+        (self.ctx.workdir / "pgids").write_text("".join(f"{pid}\n" for pid in lingering))
 
 
 def counter(r: Any, key: str) -> int:

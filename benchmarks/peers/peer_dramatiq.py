@@ -33,8 +33,6 @@ def warm() -> None:
 
 
 def worker_env(ctx: Any) -> dict[str, str]:
-    if os.environ.get("XDEF") == "1":
-        return {}
     return {"dramatiq_queue_prefetch": str(PREFETCH), "dramatiq_worker_timeout": "100"}
 
 

@@ -68,7 +68,7 @@ def worker_commands(ctx: Any) -> list[list[str]]:
             "warning",
             "worker",
             "--concurrency",
-            os.environ.get("XCONC", "1"),
+            "1",
             "--name",
             f"bench-{i}",
         ]

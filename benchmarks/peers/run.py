@@ -40,7 +40,7 @@ class Peer:
     venv: str  # folder under .bench-venvs/; variants of one library share it
     module: str  # module in benchmarks/peers/ that driver.py loads
     requirements: tuple[str, ...]
-    config: str  # one line for the table; README.md has the long form
+    config: str  # one line for the table, {w} = workers; README.md has the long form
 
 
 PEERS: tuple[Peer, ...] = (
@@ -49,52 +49,54 @@ PEERS: tuple[Peer, ...] = (
         "celery",
         "peer_celery",
         ("celery[redis]==5.7.0", REDIS_PIN),
-        "1 worker, prefork -c 2, prefetch x64, no results; apply_async loop",
+        "{w} x worker --pool prefork -c 1, no results; apply_async loop",
     ),
     Peer(
         "rq",
         "rq",
         "peer_rq",
         ("rq==3.0.0", REDIS_PIN),
-        "2 x rq worker (SimpleWorker, no fork), result_ttl=0; enqueue_many",
+        "{w} x rq worker, SimpleWorker (no fork), result_ttl=0; enqueue_many",
     ),
     Peer(
         "rq-fork",
         "rq",
         "peer_rq_fork",
         ("rq==3.0.0", REDIS_PIN),
-        "2 x rq worker (default Worker, fork per job), result_ttl=0; enqueue_many",
+        "{w} x rq worker, default Worker (fork per job), result_ttl=0; enqueue_many",
     ),
     Peer(
         "dramatiq",
         "dramatiq",
         "peer_dramatiq",
         ("dramatiq[redis]==2.2.1", REDIS_PIN),
-        "--processes 2 --threads 1, Redis broker; send() loop",
+        "--processes {w} --threads 1, prefetch 64, poll <= 100 ms; send() loop",
     ),
     Peer(
         "huey-redis",
         "huey",
         "peer_huey_redis",
         ("huey==3.5.4", REDIS_PIN),
-        "huey_consumer -k process -w 2, RedisHuey (blocking), no results; enqueue loop",
+        "-k process -w {w}, RedisHuey (blocking pop), no results; call loop",
     ),
     Peer(
         "huey-sqlite",
         "huey",
         "peer_huey_sqlite",
         ("huey==3.5.4", REDIS_PIN),
-        "huey_consumer -k process -w 2, SqliteHuey (file, WAL), no results; enqueue loop",
+        "-k process -w {w}, SqliteHuey (WAL), poll 10-500 ms, no results; call loop",
     ),
     Peer(
         "procrastinate",
         "procrastinate",
         "peer_procrastinate",
         ("procrastinate==3.10.0", "psycopg[binary,pool]==3.3.9", REDIS_PIN),
-        "2 x worker --concurrency 1, LISTEN/NOTIFY, PostgreSQL; batch_defer",
+        "{w} x worker --concurrency 1, LISTEN/NOTIFY; batch_defer x1000",
     ),
 )
 PEER_NAMES = tuple(p.name for p in PEERS)
+# rq-fork runs a few dozen tasks a second here: 20000 of them would take minutes per run.
+DEFAULT_PEERS = tuple(n for n in PEER_NAMES if n != "rq-fork")
 
 
 @dataclass
@@ -249,6 +251,7 @@ def kill_pgids_from(pidfile: Path) -> None:
     for line in pidfile.read_text().split():
         with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
             os.killpg(int(line), signal.SIGKILL)
+    pidfile.unlink()  # once only: a number of an emptied group could be reused later
 
 
 def kill_group(proc: subprocess.Popen[str]) -> None:
@@ -331,14 +334,16 @@ def one_run(peer: Peer, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench_peer(peer: Peer, args: argparse.Namespace) -> Result:
-    res = Result(peer.name, peer.config)
+    res = Result(peer.name, peer.config.format(w=args.workers))
     err = ensure_venv(peer, args.install_timeout)
     if err:
         res.reason = err
         return res
     for i in range(args.runs):
         log(f"{peer.name}: run {i + 1}/{args.runs}, {args.tasks} tasks, {args.workers} workers")
+        load1 = os.getloadavg()[0]  # the machine is shared: a busy one shows up here
         r = one_run(peer, args)
+        r["load1_before"] = round(load1, 2)
         res.versions = r.pop("versions", res.versions)
         if not r.get("ok"):
             res.reason = f"run {i + 1}: {r.get('error', 'failed')}"
@@ -360,8 +365,37 @@ def bench_peer(peer: Peer, args: argparse.Namespace) -> Result:
 # --------------------------------------------------------------------------- Tactician
 
 
+# Tactician's bench drops and recreates its tables in the database it is given.
+SHARED_PG_DATABASES = ("postgres", "template0", "template1")
+
+
+def shown_url(url: str) -> str:
+    """The URL for the table: no password, the temporary directory abbreviated."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if url.startswith("sqlite:///"):
+        return f"sqlite:///<tmp>/{Path(url.removeprefix('sqlite:///')).name}"
+    u = urlsplit(url)
+    if u.password is None:
+        return url
+    netloc = f"{u.username}@{u.hostname}" + (f":{u.port}" if u.port else "")
+    return urlunsplit(u._replace(netloc=netloc))
+
+
 def bench_tactician(label: str, db_url: str, args: argparse.Namespace) -> Result:
-    res = Result(label, f"tactician bench throughput --workers {args.workers} --db {db_url}")
+    res = Result(
+        label, f"tactician bench throughput --workers {args.workers} --db {shown_url(db_url)}"
+    )
+    if db_url.startswith(("postgresql://", "postgres://")):
+        from urllib.parse import urlsplit
+
+        dbname = urlsplit(db_url).path.strip("/")
+        if dbname in SHARED_PG_DATABASES or not dbname:
+            res.reason = (
+                f"refusing database {dbname or '(default)'!r}: the bench drops its tables there;"
+                " give a dedicated one, e.g. postgresql://postgres@127.0.0.1:5432/tactician_bench"
+            )
+            return res
     if not TACTICIAN.exists():
         res.reason = f"{TACTICIAN} not found (run `make install`)"
         return res
@@ -472,7 +506,10 @@ def print_table(results: list[Result], tac: Result | None, tac_pg: Result | None
         table.add_column(h, justify="right" if i >= 2 else "left", overflow="fold")
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped: do not squeeze the table into 80 columns
+        console = Console(width=180)
+    console.print(table)
 
 
 # --------------------------------------------------------------------------- main
@@ -483,7 +520,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tasks", type=int, help="no-op tasks per run (default 20000)")
     ap.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     ap.add_argument("--runs", type=int, help="runs per peer, median reported (default 3)")
-    ap.add_argument("--peers", default=",".join(PEER_NAMES), help="comma list of peers to run")
+    ap.add_argument(
+        "--peers",
+        default=",".join(DEFAULT_PEERS),
+        help=f"comma list, from {', '.join(PEER_NAMES)} (default: all but rq-fork)",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke test: --tasks 2000 --runs 1")
     ap.add_argument("--json", action="store_true", help="print one JSON object, no table")
     ap.add_argument("--timeout", type=float, default=300.0, help="bound of one run, seconds")
@@ -493,7 +534,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--tactician-pg",
         metavar="URL",
-        help="also run Tactician on this PostgreSQL URL, e.g. postgresql://postgres@127.0.0.1/postgres",
+        help="also run Tactician on this PostgreSQL database (its tables are dropped: use a"
+        " dedicated one, e.g. postgresql://postgres@127.0.0.1:5432/tactician_bench)",
     )
     ap.add_argument(
         "--redis-url",
@@ -541,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             res = bench_peer(peer, args)
         except Exception as exc:  # one peer must not take the others down
-            res = Result(peer.name, peer.config, reason=f"{type(exc).__name__}: {exc}")
+            reason = f"{type(exc).__name__}: {exc}"
+            res = Result(peer.name, peer.config.format(w=args.workers), reason=reason)
         if not res.ok:
             log(f"{peer.name}: FAILED: {res.reason}")
         results.append(res)

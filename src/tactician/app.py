@@ -137,12 +137,11 @@ class Tactician:
         source: str = "api",
     ) -> str:
         """Commit one task and return its id (the existing id for a known idempotency key)."""
-        now = self.store.db_now()
         task = NewTask(
             kind=kind,
             payload=dict(payload or {}),
-            due_at=_at(due_at, now),
-            release_at=_at(release_at, now),
+            due_at=self._at(due_at),
+            release_at=self._at(release_at),
             weight=weight,
             estimate=estimate,
             idempotency_key=idempotency_key,
@@ -152,6 +151,18 @@ class Tactician:
             source=source,
         )
         return self.submit_many([task])[0]
+
+    def _at(self, when: When) -> float | None:
+        """Epoch seconds from a number, an aware datetime, or a delay from the database's now."""
+        if when is None or isinstance(when, int | float):
+            return None if when is None else float(when)
+        if isinstance(when, dt.timedelta):
+            return self.store.db_now() + when.total_seconds()
+        if isinstance(when, dt.datetime):
+            if when.tzinfo is None:
+                raise InvalidInput("datetimes must carry a time zone")
+            return when.timestamp()
+        raise InvalidInput(f"not a time: {when!r}")
 
     def submit_many(self, tasks: Sequence[NewTask]) -> list[str]:
         """Commit all tasks in one transaction, or none of them."""
@@ -205,6 +216,11 @@ class Tactician:
 
     def serve(self, workers: int = 2, options: WorkerOptions | None = None) -> None:
         """A planner in this process and `workers` worker processes, until SIGTERM/SIGINT."""
+        if workers and not self.kinds:
+            raise InvalidInput(
+                "serve needs an app with task kinds (--app module:app) for its "
+                "workers, or --workers 0 for a planner only"
+            )
         self.store  # noqa: B018 (migrate and register before the children start)
         self.close()
         ctx = multiprocessing.get_context("fork")
@@ -248,15 +264,3 @@ def _stop_on_signals() -> threading.Event:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     return stop
-
-
-def _at(when: When, now: float) -> float | None:
-    if when is None or isinstance(when, int | float):
-        return None if when is None else float(when)
-    if isinstance(when, dt.timedelta):
-        return now + when.total_seconds()
-    if isinstance(when, dt.datetime):
-        if when.tzinfo is None:
-            raise InvalidInput("datetimes must carry a time zone")
-        return when.timestamp()
-    raise InvalidInput(f"not a time: {when!r}")

@@ -12,12 +12,13 @@ import inspect
 import json
 import subprocess
 from collections.abc import Callable
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from tactician.domain import KindSpec
 from tactician.errors import HandlerError, TargetOverloaded
+
+if TYPE_CHECKING:
+    import httpx
 
 Handler = Callable[..., Any]
 OVERLOAD_STATUS = frozenset({429, 503})
@@ -30,7 +31,6 @@ class Executors:
         self.kinds = kinds
         self.handlers = handlers
         self._signatures = {name: inspect.signature(h) for name, h in handlers.items()}
-        self._async = {name for name, h in handlers.items() if inspect.iscoroutinefunction(h)}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._http: httpx.Client | None = None
 
@@ -51,15 +51,18 @@ class Executors:
             self._signatures[kind_name].bind(**payload)
         except TypeError as exc:
             raise HandlerError(f"payload does not fit {kind_name}: {exc}", retryable=False) from None
-        if kind_name in self._async:
+        result = handler(**payload)
+        # Any awaitable, not only from an `async def`: an object with an async __call__ or a
+        # partial of a coroutine function returns one too, and it must run, not be dropped.
+        if inspect.isawaitable(result):
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(handler(**payload))
-        else:
-            handler(**payload)
+            self._loop.run_until_complete(result)
 
     def _post(self, kind: KindSpec, payload: dict[str, Any], timeout: float) -> None:
         assert kind.url is not None
+        import httpx  # only workers with HTTP kinds pay for the import
+
         if self._http is None:
             self._http = httpx.Client()
         try:

@@ -25,6 +25,8 @@ log = logging.getLogger("tactician.planner")
 LEADER_TTL_S = 5.0
 KINDS_REFRESH_S = 2.0
 MIN_IDLE_WAIT_S = 0.001
+# How often the running planner does its periodic chores; promote and plan run every pass.
+CHORE_EVERY_S = {"lead": LEADER_TTL_S / 5, "reap": 0.25, "hooks": 0.5}
 
 
 @dataclass(frozen=True)
@@ -66,29 +68,41 @@ class PlannerService:
         return self._kinds
 
     def tick(self) -> TickReport:
-        leading = self.store.try_lead(self.holder, LEADER_TTL_S)
-        if leading != self._leading:
-            log.info("planner %s is %s", self.holder, "active" if leading else "standing by")
-            self._leading = leading
-        if not leading:
+        """One pass with every chore: leadership, promote, reap, schedules, plan."""
+        return self._tick(lead=True, reap=True, hooks=True)
+
+    def _tick(self, *, lead: bool, reap: bool, hooks: bool) -> TickReport:
+        if lead or not self._leading:
+            leading = self.store.try_lead(self.holder, LEADER_TTL_S)
+            if leading != self._leading:
+                log.info("planner %s is %s", self.holder, "active" if leading else "standing by")
+                self._leading = leading
+        if not self._leading:
             return TickReport(False)
         promoted = self.store.promote()
-        reap = self.store.reap()
-        if reap.returned or reap.dead or reap.cancelled:
-            log.warning(
-                "reaped expired leases: %d back to ready, %d dead, %d cancelled",
-                reap.returned, reap.dead, reap.cancelled,
-            )
-        fired = sum(hook(self.store.db_now()) for hook in self.hooks) if self.hooks else 0
+        reaped = 0
+        if reap:
+            report = self.store.reap()
+            reaped = report.returned + report.dead + report.cancelled
+            if reaped:
+                log.warning(
+                    "reaped expired leases: %d back to ready, %d dead, %d cancelled",
+                    report.returned,
+                    report.dead,
+                    report.cancelled,
+                )
+        fired = 0
+        if hooks and self.hooks:
+            now = self.store.db_now()
+            fired = sum(hook(now) for hook in self.hooks)
         kinds = self.kinds()
         started = 0
         while True:
-            report = self.store.plan(self.planner, kinds)
-            started += report.started
-            if report.started < max(1, min(report.considered, self.settings.plan_batch) // 2):
+            plan = self.store.plan(self.planner, kinds)
+            started += plan.started
+            if plan.started < max(1, min(plan.considered, self.settings.plan_batch) // 2):
                 break
-        return TickReport(True, promoted, reap.returned + reap.dead + reap.cancelled, started,
-                          fired)
+        return TickReport(True, promoted, reaped, started, fired)
 
     def run(self, should_stop: Callable[[], bool] = lambda: False) -> None:
         listen = getattr(self.store, "listen", None)
@@ -97,8 +111,14 @@ class PlannerService:
         log.info("planner %s started on %s", self.holder, self.store.url)
         try:
             idle_wait = MIN_IDLE_WAIT_S
+            last = {"lead": -1e9, "reap": -1e9, "hooks": -1e9}
             while not should_stop():
-                report = self.tick()
+                now = time.monotonic()
+                due = {chore: now - at >= CHORE_EVERY_S[chore] for chore, at in last.items()}
+                for chore, is_due in due.items():
+                    if is_due:
+                        last[chore] = now
+                report = self._tick(**due)
                 if not report.leading:
                     time.sleep(min(1.0, LEADER_TTL_S / 5))
                 elif report.started or report.promoted or report.reaped or report.fired:

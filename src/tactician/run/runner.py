@@ -22,6 +22,7 @@ from tactician.errors import HandlerError, TargetOverloaded
 from tactician.run.context import TaskContext, set_current
 
 SEND_EVERY_S = 0.02  # results are sent at least this often while a batch runs
+SKIP_FLAGS = 2  # progress holds [job index, start (monotonic), then a skip flag per job]
 _CTX = multiprocessing.get_context("fork")
 
 
@@ -45,6 +46,7 @@ ExecutorFactory = Callable[[], Any]  # returns an object with .run(kind, payload
 
 def _runner_main(conn: Connection, progress: Any, make_executors: ExecutorFactory) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when runners stop
+    os.setpgid(0, 0)  # a group of its own: a kill also reaches the commands it started
     executors = make_executors()
     try:
         while True:
@@ -57,6 +59,8 @@ def _runner_main(conn: Connection, progress: Any, make_executors: ExecutorFactor
             out: list[RawResult] = []
             last_send = time.monotonic()
             for index, job in enumerate(batch):
+                if SKIP_FLAGS + index < len(progress) and progress[SKIP_FLAGS + index]:
+                    continue  # cancelled while it waited; the worker has reported it
                 started_mono = time.monotonic()
                 progress[0] = index
                 progress[1] = started_mono
@@ -108,15 +112,16 @@ def _failure(
 class Runner:
     """One runner process and the batch it is working through."""
 
-    def __init__(self, make_executors: ExecutorFactory) -> None:
+    def __init__(self, make_executors: ExecutorFactory, batch_size: int = 1) -> None:
         self._make_executors = make_executors
+        self._batch_size = batch_size
         self.batch: list[Job] = []
         self.done: set[str] = set()
         self._spawn()
 
     def _spawn(self) -> None:
         self.conn, child = _CTX.Pipe()
-        self.progress: Any = _CTX.RawArray("d", 2)  # [job index, start (monotonic)]
+        self.progress: Any = _CTX.RawArray("d", SKIP_FLAGS + self._batch_size)
         self.process = _CTX.Process(
             target=_runner_main, args=(child, self.progress, self._make_executors), daemon=True
         )
@@ -130,8 +135,8 @@ class Runner:
     def start(self, batch: list[Job]) -> None:
         self.batch = batch
         self.done = set()
-        self.progress[0] = 0
-        self.progress[1] = 0.0
+        for slot in range(len(self.progress)):
+            self.progress[slot] = 0.0
         self.conn.send(batch)
 
     def collect(self) -> list[RawResult]:
@@ -162,7 +167,9 @@ class Runner:
         if running is None:
             return []
         job, started = running
-        if now_mono - started <= job.timeout or job.task_id in self.done:
+        if job.task_id in self.done:  # cancelled while it waited in the batch: stop it now
+            return self._replace("cancelled before it started", job)
+        if now_mono - started <= job.timeout:
             return []
         return self._replace(f"timed out after {job.timeout:g}s", job, timed_out=True)
 
@@ -171,11 +178,17 @@ class Runner:
         running = self.current()
         if running is not None and running[0].task_id == task_id:
             return self._replace(reason, running[0], cancelled=True)
-        remaining = [j for j in self.batch if j.task_id == task_id and j.task_id not in self.done]
-        if not remaining:
+        waiting = [j for j in self.batch if j.task_id == task_id and j.task_id not in self.done]
+        if not waiting:
             return []
-        self.batch = [j for j in self.batch if j.task_id != task_id]
-        job = remaining[0]
+        # The runner holds the whole batch and reports progress by index into it, so the job
+        # stays in self.batch. Its skip flag tells the runner to pass it by; should the runner
+        # have just started it, check_timeout stops it (it is done, yet running).
+        job = waiting[0]
+        slot = SKIP_FLAGS + self.batch.index(job)
+        if slot < len(self.progress):
+            self.progress[slot] = 1.0
+        self.done.add(task_id)
         return [_cancelled(job, reason)]
 
     def _replace(
@@ -188,21 +201,21 @@ class Runner:
     ) -> list[RawResult]:
         """Kill the process, report the victim, and restart the rest of the batch."""
         results = self.collect_quietly()
-        self.process.kill()
+        running = self.current()
+        self._kill()
         self.process.join(5)
         self.conn.close()
         now = time.time()
         if victim is None:  # died on its own: blame the job it was running
-            running = self.current()
             victim = running[0] if running else None
         if victim is not None and victim.task_id not in self.done:
             error = f"TimeoutError: {reason}" if timed_out else reason
             if cancelled:
                 results.append(_cancelled(victim, reason))
             else:
+                ran = time.monotonic() - running[1] if running and running[0] == victim else 0.0
                 results.append(
-                    (victim.task_id, victim.token, False, now, victim.timeout if timed_out else 0.0,
-                     error, None, True, False)
+                    (victim.task_id, victim.token, False, now - ran, ran, error, None, True, False)
                 )
             self.done.add(victim.task_id)
         rest = [j for j in self.batch if j.task_id not in self.done]
@@ -211,6 +224,14 @@ class Runner:
         if rest:
             self.start(rest)
         return results
+
+    def _kill(self) -> None:
+        """SIGKILL the runner and its process group (shell commands, their children)."""
+        try:
+            # The group is the runner's pid; the runner is not reaped yet, so it is still ours.
+            os.killpg(self.process.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        except (ProcessLookupError, PermissionError):  # not in its own group yet
+            self.process.kill()
 
     def collect_quietly(self) -> list[RawResult]:
         results: list[RawResult] = []
@@ -232,7 +253,7 @@ class Runner:
             pass
         self.process.join(2)
         if self.process.is_alive():
-            self.process.kill()
+            self._kill()
             self.process.join(2)
         self.conn.close()
 

@@ -63,7 +63,12 @@ class ScheduleService:
         due = due_ticks(spec, row.last_tick, now)
         buffered = row.buffered_tick
         fired = 0
-        if buffered is not None and not self.store.schedule_unfinished(spec.name):
+        # A paused schedule starts nothing; its buffered tick waits for the resume.
+        if (
+            buffered is not None
+            and not spec.paused
+            and not self.store.schedule_unfinished(spec.name)
+        ):
             self._start(spec, buffered, kinds)
             buffered, fired = None, 1
         for tick in due.fire:

@@ -70,7 +70,10 @@ class Worker:
 
     def run(self, should_stop: Callable[[], bool] = lambda: False) -> None:
         """Work until should_stop() is true; then finish what is in hand and return."""
-        self._runners = [Runner(self._make_executors) for _ in range(self.options.concurrency)]
+        self._runners = [
+            Runner(self._make_executors, self.options.batch)
+            for _ in range(self.options.concurrency)
+        ]
         kinds = sorted(self.kinds)
         self.store.register_worker(self.id, socket.gethostname(), os.getpid(), kinds)
         listen = getattr(self.store, "listen", None)

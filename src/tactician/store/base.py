@@ -106,6 +106,10 @@ class SqlStore:
     def _skip_locked(self) -> str:
         return ""
 
+    def _for_update(self) -> str:
+        """Lock the rows a read-then-write transaction reads (SQLite's writers are serial)."""
+        return ""
+
     def _after_plan(self, cur: Cursor) -> None:
         """Wake the workers (NOTIFY on PostgreSQL)."""
 
@@ -226,7 +230,9 @@ class SqlStore:
                 raise UnknownKind(f"unknown kind {task.kind!r}")
         with self._tx() as cur:
             now = self._now(cur)
-            ids = new_ids(len(tasks), now)
+            # Sorted: ids of one batch share their millisecond, and the random rest would
+            # otherwise run the batch out of order among tasks of equal deadline.
+            ids = sorted(new_ids(len(tasks), now))
             keyed: dict[str, int] = {}
             rows = []
             deps: list[tuple[str, str]] = []
@@ -284,8 +290,9 @@ class SqlStore:
         with self._read() as cur:
             return self._get(cur, task_id)
 
-    def _get(self, cur: Cursor, task_id: str) -> Task:
-        cur.execute(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
+    def _get(self, cur: Cursor, task_id: str, *, for_update: bool = False) -> Task:
+        lock = self._for_update() if for_update else ""
+        cur.execute(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?{lock}", (task_id,))
         row = cur.fetchone()
         if row is None:
             raise NotFound(f"no task has id {task_id!r}")
@@ -316,7 +323,14 @@ class SqlStore:
                 f"ORDER BY id LIMIT {int(query.limit)}",
                 params,
             )
-            return [task_from_row(row) for row in cur.fetchall()]
+            rows = cur.fetchall()
+            deps: dict[str, list[str]] = {}
+            if rows:
+                clause, params = self._in("task_id", [row[0] for row in rows])
+                cur.execute(f"SELECT task_id, depends_on FROM task_deps WHERE {clause}", params)
+                for task_id, upstream in cur.fetchall():
+                    deps.setdefault(task_id, []).append(upstream)
+        return [task_from_row(row, tuple(sorted(deps.get(row[0], ())))) for row in rows]
 
     def counts(self) -> dict[str, int]:
         with self._read() as cur:
@@ -342,7 +356,7 @@ class SqlStore:
     def cancel(self, task_id: str) -> Task:
         """Cancel now, or ask the worker running it to stop (it is killed within a heartbeat)."""
         with self._tx() as cur:
-            task = self._get(cur, task_id)
+            task = self._get(cur, task_id, for_update=True)
             if task.state.is_final:
                 raise Conflict(f"task {task_id} is already {task.state}")
             if task.state is TaskState.RUNNING:
@@ -359,13 +373,16 @@ class SqlStore:
     def retry(self, task_id: str) -> Task:
         """Give a dead or cancelled task one more attempt."""
         with self._tx() as cur:
-            task = self._get(cur, task_id)
+            task = self._get(cur, task_id, for_update=True)
             if task.state not in (TaskState.DEAD, TaskState.CANCELLED):
                 raise Conflict(f"task {task_id} is {task.state}; only dead or cancelled retry")
+            # Back to pending when it must still wait for its release time or dependencies:
+            # promote() decides, so a retried task never runs before its dependencies succeed.
             cur.execute(
-                "UPDATE tasks SET state = 'ready', max_attempts = attempt + 1, finished_at = NULL, "
-                "cancel_requested = 0, run_at = NULL WHERE id = ?",
-                (task_id,),
+                "UPDATE tasks SET state = CASE WHEN has_deps = 1 OR release_at > ? "
+                "THEN 'pending' ELSE 'ready' END, max_attempts = attempt + 1, "
+                "finished_at = NULL, cancel_requested = 0, run_at = NULL WHERE id = ?",
+                (self._now(cur), task_id),
             )
             self._after_submit(cur)
             return self._get(cur, task_id)
@@ -424,9 +441,12 @@ class SqlStore:
         """Take back leases whose holder stopped heartbeating (the one reaper of leases)."""
         with self._tx() as cur:
             now = self._now(cur)
+            # Locked (skipping rows a finish or heartbeat is writing right now), so that a
+            # result committed while we reap is not turned back into a lost attempt.
             cur.execute(
                 "SELECT id, attempt, max_attempts, cancel_requested, lease_token, worker_id, "
-                "started_at FROM tasks WHERE state = 'running' AND lease_expires_at < ?",
+                "started_at FROM tasks WHERE state = 'running' AND lease_expires_at < ?"
+                f"{self._skip_locked()}",
                 (now,),
             )
             expired = cur.fetchall()
@@ -472,7 +492,8 @@ class SqlStore:
                 return PlanReport()
             cur.execute(
                 "SELECT id, kind, pool, units, concurrency_key, target, due_sort FROM tasks "
-                f"WHERE state = 'ready' ORDER BY due_sort, id LIMIT {min(self.settings.plan_batch, 4 * room)}"
+                "WHERE state = 'ready' ORDER BY due_sort, id "
+                f"LIMIT {min(self.settings.plan_batch, 4 * room)}"
             )
             candidates = list(map(Candidate._make, cur.fetchall()))
             if not candidates:
@@ -522,14 +543,23 @@ class SqlStore:
         busy: set[str] = set()
         if keys:
             clause, params = self._in("concurrency_key", keys)
-            cur.execute(f"SELECT concurrency_key FROM tasks WHERE state IN {ACTIVE} AND {clause}",
-                        params)
+            cur.execute(
+                f"SELECT concurrency_key FROM tasks WHERE state IN {ACTIVE} AND {clause}", params
+            )
             busy = {row[0] for row in cur.fetchall()}
         targets = self._targets(cur)
         cooldown = {k.target: k.breaker_cooldown for k in kinds.values()}
+        ceiling: dict[str, int] = {}
+        for k in kinds.values():
+            if k.max_concurrency is not None:
+                ceiling[k.target] = min(k.max_concurrency, ceiling.get(k.target, k.max_concurrency))
         allowed = {
-            t: allowed_in_flight(s, now, cooldown.get(t, 30.0)) for t, s in targets.items()
+            t: allowed_in_flight(targets.get(t), now, cooldown.get(t, 30.0))
+            for t in targets.keys() | ceiling.keys()
         }
+        for t, most in ceiling.items():  # adaptive, but no result seen yet: start at the ceiling
+            if allowed[t] is None:
+                allowed[t] = most
         limited = sorted(t for t, n in allowed.items() if n is not None)
         in_flight: dict[str, int] = {}
         if limited:
@@ -603,6 +633,8 @@ class SqlStore:
                 "UPDATE schedules SET last_tick = ?, buffered_tick = ? WHERE name = ?",
                 (last_tick, buffered_tick, name),
             )
+            if cur.rowcount != 1:
+                raise NotFound(f"no schedule is named {name!r}")
 
     # --- workers ---------------------------------------------------------------------------
 
@@ -611,7 +643,8 @@ class SqlStore:
             now = self._now(cur)
             cur.execute(
                 "INSERT INTO workers (id, host, pid, kinds, started_at, seen_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
+                "VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
                 (worker_id, host, pid, json.dumps(sorted(kinds)), now, now),
             )
 
@@ -666,7 +699,8 @@ class SqlStore:
                 cur.execute(
                     f"WITH v (id, token) AS (VALUES {values}) UPDATE tasks SET "
                     "state = 'succeeded', finished_at = ?, lease_expires_at = NULL, "
-                    f"last_error = NULL FROM v WHERE tasks.id = v.id{guard} RETURNING tasks.id",
+                    "last_error = NULL, last_traceback = NULL "
+                    f"FROM v WHERE tasks.id = v.id{guard} RETURNING tasks.id",
                     [*(x for r in chunk for x in (r.task_id, r.token)), now],
                 )
                 ok_ids = {row[0] for row in cur.fetchall()}
@@ -720,7 +754,14 @@ class SqlStore:
                 *([r.token] if fenced else []),
             ],
         )
-        return cur.rowcount == 1
+        accepted = cur.rowcount == 1
+        if accepted and state == "retry_wait":  # an operator asked to cancel: no retry
+            cur.execute(
+                "UPDATE tasks SET state = 'cancelled', run_at = NULL, finished_at = ? "
+                "WHERE id = ? AND cancel_requested = 1",
+                (now, r.task_id),
+            )
+        return accepted
 
     def _update_targets(
         self, cur: Cursor, outcomes: Sequence[Finish], kinds: Mapping[str, KindSpec], now: float
@@ -777,8 +818,11 @@ def _outcome(result: Any) -> str:
 
 
 def _task_row(task_id: str, task: NewTask, kind: KindSpec, now: float) -> tuple[Any, ...]:
-    release_at = now if task.release_at is None else task.release_at
-    if task.due_at is not None and task.due_at < release_at:
+    # Numbers as floats: PostgreSQL's bulk insert sends each column as one typed array.
+    release_at = now if task.release_at is None else float(task.release_at)
+    due_at = None if task.due_at is None else float(task.due_at)
+    estimate = None if task.estimate is None else float(task.estimate)
+    if due_at is not None and due_at < release_at:
         raise InvalidInput("due_at is before release_at")
     resources = dict(task.resources or {kind.pool: kind.units})
     if len(resources) != 1:
@@ -789,7 +833,7 @@ def _task_row(task_id: str, task: NewTask, kind: KindSpec, now: float) -> tuple[
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"payload is not JSON: {exc}") from None
     state = "pending" if (release_at > now or task.depends_on) else "ready"
-    due_sort = NO_DUE if task.due_at is None else task.due_at
+    due_sort = NO_DUE if due_at is None else due_at
     return (
         task_id,
         task.kind,
@@ -797,10 +841,10 @@ def _task_row(task_id: str, task: NewTask, kind: KindSpec, now: float) -> tuple[
         state,
         now,
         release_at,
-        task.due_at,
+        due_at,
         due_sort,
-        task.weight,
-        task.estimate,
+        float(task.weight),
+        estimate,
         kind.retry.max_attempts,
         task.tenant,
         task.source,
@@ -860,4 +904,3 @@ def kind_from_json(data: dict[str, Any]) -> KindSpec:
     data["rate"] = RateLimit(**data["rate"]) if data.get("rate") else None
     data["command"] = tuple(data["command"]) if data.get("command") else None
     return KindSpec(**data)
-

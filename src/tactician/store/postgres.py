@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import psycopg
@@ -26,11 +26,13 @@ CHANNEL_WORKERS = "tactician_workers"  # capacity was granted
 
 
 # The PostgreSQL types of INSERT_COLUMNS, in order.
+# fmt: off
 _INSERT_TYPES = (
     "text", "text", "text", "text", "float8", "float8", "float8", "float8", "float8", "float8",
     "int4", "text", "text", "text", "text", "int4", "text", "text", "text", "int4", "float8",
     "text",
 )
+# fmt: on
 
 
 class _Cursor:
@@ -76,7 +78,8 @@ class PostgresStore(SqlStore):
         self._migrate()
 
     def close(self) -> None:
-        for conn in (self.conn, self._lead_conn, self._listen_conn):
+        self._release_lead()
+        for conn in (self.conn, self._listen_conn):
             if conn is not None:
                 conn.close()
 
@@ -122,6 +125,9 @@ class PostgresStore(SqlStore):
     def _skip_locked(self) -> str:
         return " FOR UPDATE SKIP LOCKED"
 
+    def _for_update(self) -> str:
+        return " FOR UPDATE"
+
     def _after_plan(self, cur: Cursor) -> None:
         cur.execute(f"NOTIFY {CHANNEL_WORKERS}")
 
@@ -137,9 +143,7 @@ class PostgresStore(SqlStore):
             self._lead_conn = _connect(self.url)
             self._leading = False
         if not self._leading:
-            row = self._lead_conn.execute(
-                f"SELECT pg_try_advisory_lock({LEADER_LOCK})"
-            ).fetchone()
+            row = self._lead_conn.execute(f"SELECT pg_try_advisory_lock({LEADER_LOCK})").fetchone()
             self._leading = bool(row and row[0])
         if not self._leading:
             return False
@@ -155,10 +159,19 @@ class PostgresStore(SqlStore):
 
     def resign(self, holder: str) -> None:
         super().resign(holder)
-        if self._lead_conn is not None:
-            self._lead_conn.close()
-            self._lead_conn = None
-            self._leading = False
+        self._release_lead()
+
+    def _release_lead(self) -> None:
+        """Unlock before closing: the server frees a closed session's locks only later, and a
+        standby asking at once would still find the lock held."""
+        if self._lead_conn is None:
+            return
+        if self._leading:
+            with suppress(psycopg.Error):  # a broken connection has lost the lock already
+                self._lead_conn.execute(f"SELECT pg_advisory_unlock({LEADER_LOCK})")
+        self._lead_conn.close()
+        self._lead_conn = None
+        self._leading = False
 
     def listen(self, channel: str) -> None:
         if self._listen_conn is None:

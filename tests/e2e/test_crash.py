@@ -1,0 +1,356 @@
+"""Kill -9 workers and the planner mid-run: nothing is lost, re-executions stay bounded, and a
+worker that comes back from a pause has its late result refused (fencing).
+
+Each guarantee is also run once with its protection switched off, to show that the check can
+see the fault it guards against.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tactician.domain import NewTask
+
+from .crash_app import build
+from .procs import Cluster, connect, query, read_effects, wait_until
+
+FINAL = {"succeeded", "dead", "cancelled"}
+
+
+def states(url: str) -> dict[str, int]:
+    with connect(url) as conn:
+        return {s: int(n) for s, n in query(conn, "SELECT state, count(*) FROM tasks GROUP BY state")}
+
+
+def submit(url: str, tasks: list[NewTask]) -> list[str]:
+    app = build(url)
+    try:
+        return app.submit_many(tasks)
+    finally:
+        app.close()
+
+
+# --- kill -9 ------------------------------------------------------------------------------------
+
+
+@dataclass
+class CrashFigures:
+    db: str
+    tasks: int
+    seconds: float
+    counts: dict[str, int]
+    executions: int
+    """Handler runs that began (their side effect happened)."""
+    missing: int
+    """Tasks whose handler never ran."""
+    duplicates: int
+    """Runs beyond the first, summed over tasks."""
+    interrupted: int
+    """Runs that began but did not reach their end (killed mid-task)."""
+    worker_kills: int
+    planner_kills: int
+    attempts: dict[str, int]
+    refused: int
+    """Results a worker reported and the store refused (fencing), from the worker logs."""
+    kill_log: list[str] = field(default_factory=list)
+
+    @property
+    def kills(self) -> int:
+        return self.worker_kills + self.planner_kills
+
+    def summary(self) -> str:
+        return (
+            f"{self.db.split(':')[0]}: {self.tasks} tasks in {self.seconds:.1f}s, "
+            f"counts={self.counts}, executions={self.executions}, missing={self.missing}, "
+            f"duplicates={self.duplicates} (kills={self.kills}: {self.worker_kills} workers, "
+            f"{self.planner_kills} planner), interrupted={self.interrupted}, "
+            f"attempts={self.attempts}, refused={self.refused}"
+        )
+
+
+def run_crash_scenario(
+    url: str,
+    workdir: Path,
+    *,
+    workers: int,
+    tasks: int = 5000,
+    worker_kills: int = 5,
+    planner_kills: int = 2,
+    lease: float = 2.0,
+    task_seconds: tuple[float, float] = (0.001, 0.002),
+    heartbeat_every: float | None = None,
+    timeout: float = 150.0,
+) -> CrashFigures:
+    """Run `tasks` tasks through `workers` workers and a planner, SIGKILLing and restarting a
+    random worker `worker_kills` times and the planner `planner_kills` times, at random points
+    of the run. Returns what happened, counted from the side effects and the database."""
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    keys = [f"k{i}" for i in range(tasks)]
+    submit(
+        url,
+        [
+            NewTask("work", {"key": k, "seconds": rng.uniform(*task_seconds)}, idempotency_key=k)
+            for k in keys
+        ],
+    )
+    env = {"TACTICIAN_LEASE_SECONDS": str(lease)}
+    if heartbeat_every is not None:
+        env["E2E_HEARTBEAT_EVERY"] = str(heartbeat_every)
+    # Kill at random points of progress (fractions of tasks finished), so every kill lands
+    # while work is going on, however fast this machine is.
+    victims = ["worker"] * worker_kills + ["planner"] * planner_kills
+    rng.shuffle(victims)
+    points = sorted(rng.uniform(0.05, 0.9) for _ in victims)
+    kill_log: list[str] = []
+    with Cluster(url, workdir, env) as cluster:
+        planner = cluster.planner().start()
+        pool = [cluster.worker(f"worker-{i}").start() for i in range(workers)]
+        began = time.monotonic()
+        deadline = began + timeout
+
+        def finished() -> int:
+            return sum(n for s, n in states(url).items() if s in FINAL)
+
+        def progress() -> str:
+            return (f"seed={seed} counts={states(url)} after {time.monotonic() - began:.1f}s, "
+                    f"kills so far: {kill_log}")  # fmt: skip
+
+        for point, victim in zip(points, victims, strict=True):
+            wait_until(lambda p=point: finished() >= p * tasks, deadline - time.monotonic(),
+                       progress)  # fmt: skip
+            time.sleep(rng.uniform(0.0, 0.05))
+            if victim == "planner":
+                proc = planner
+            else:
+                # A worker still starting up holds no task: killing it would prove nothing.
+                wait_until(lambda: any(w.uptime() >= 1.0 for w in pool), 10.0, progress)
+                proc = rng.choice([w for w in pool if w.uptime() >= 1.0])
+            done = finished()
+            proc.restart()
+            kill_log.append(f"{proc.name}@{done}")
+        wait_until(lambda: finished() == tasks, deadline - time.monotonic(), progress, every=0.1)
+        seconds = time.monotonic() - began
+        cluster.stop_all()
+        refused = sum(w.text().count("refused") for w in pool)
+
+    effects = read_effects(cluster.effects)
+    starts = [(f[1], f[2]) for f in effects if f[0] == "start"]
+    ends = {(f[1], f[2]) for f in effects if f[0] == "done"}
+    runs = Counter(key for key, _ in starts)
+    assert set(runs) <= set(keys), f"unknown keys ran: {sorted(set(runs) - set(keys))[:5]}"
+    with connect(url) as conn:
+        attempts = dict(query(conn, "SELECT outcome, count(*) FROM attempts GROUP BY outcome"))
+    figures = CrashFigures(
+        db=url,
+        tasks=tasks,
+        seconds=seconds,
+        counts=states(url),
+        executions=len(starts),
+        missing=sum(1 for k in keys if runs[k] == 0),
+        duplicates=sum(n - 1 for n in runs.values() if n > 1),
+        interrupted=sum(1 for s in starts if s not in ends),
+        worker_kills=worker_kills,
+        planner_kills=planner_kills,
+        attempts={k: int(v) for k, v in attempts.items()},
+        refused=refused,
+        kill_log=kill_log,
+    )
+    print(f"\n[crash seed={seed}] {figures.summary()}\n  kills (victim@tasks finished): "
+          f"{' '.join(kill_log)}")  # fmt: skip
+    return figures
+
+
+def assert_survived(f: CrashFigures) -> None:
+    assert f.counts == {"succeeded": f.tasks}, f.summary()
+    assert f.missing == 0, f"{f.missing} tasks never ran: {f.summary()}"
+    assert f.duplicates <= f.kills, f"more re-executions than kills: {f.summary()}"
+    # Tighter, by design: with --batch 1 a killed worker leaves at most one task executed but
+    # unrecorded, and a killed planner none.
+    assert f.duplicates <= f.worker_kills, f"a planner kill re-executed work: {f.summary()}"
+
+
+def without_protection(url: str, workdir: Path, workers: int) -> CrashFigures:
+    """The same run with leases shorter than a task and no heartbeats: the reaper hands tasks
+    that live workers are still running to other workers."""
+    return run_crash_scenario(
+        url, workdir, workers=workers, lease=0.002, task_seconds=(0.003, 0.004),
+        heartbeat_every=3600.0,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_kill_9_on_sqlite_loses_nothing(sqlite_url: str, tmp_path: Path) -> None:
+    assert_survived(run_crash_scenario(sqlite_url, tmp_path, workers=2))
+
+
+@pytest.mark.slow
+def test_kill_9_check_sees_re_execution_on_sqlite(sqlite_url: str, tmp_path: Path) -> None:
+    figures = without_protection(sqlite_url, tmp_path, workers=2)
+    assert figures.duplicates > figures.kills, figures.summary()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_kill_9_on_postgres_loses_nothing(pg_url: str, tmp_path: Path) -> None:
+    assert_survived(run_crash_scenario(pg_url, tmp_path, workers=3))
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_kill_9_check_sees_re_execution_on_postgres(pg_url: str, tmp_path: Path) -> None:
+    figures = without_protection(pg_url, tmp_path, workers=3)
+    assert figures.duplicates > figures.kills, figures.summary()
+
+
+# --- fencing ------------------------------------------------------------------------------------
+
+
+@dataclass
+class FencingFigures:
+    task_id: str
+    state: str
+    attempts: list[tuple[int, str, str]]
+    """(token, worker, outcome) of each recorded attempt."""
+    runs: list[tuple[str, str]]
+    """(token, what) lines the handler left: 'start' and 'done' per run."""
+    late_log: str
+    late_accepted: int
+    late_refused: int
+    other_accepted: int
+    paused_for: float
+
+    @property
+    def succeeded_attempts(self) -> int:
+        return sum(1 for a in self.attempts if a[2] == "succeeded")
+
+    @property
+    def accepted(self) -> int:
+        return self.late_accepted + self.other_accepted
+
+    @property
+    def late_refusal_logged(self) -> bool:
+        """The worker's own words for a refused result (not its 'lease lost' warning)."""
+        return f"result for task {self.task_id} refused" in self.late_log
+
+    def summary(self) -> str:
+        return (
+            f"state={self.state} attempts={self.attempts} runs={self.runs} paused "
+            f"{self.paused_for:.1f}s; late worker: {self.late_accepted} accepted, "
+            f"{self.late_refused} refused; other worker: {self.other_accepted} accepted"
+        )
+
+
+def _stopped_counts(log: str) -> tuple[int, int]:
+    """(finished, refused) from a worker's last words: 'stopped: N finished, M refused'."""
+    for line in reversed(log.splitlines()):
+        if " stopped: " in line:
+            words = line.split(" stopped: ", 1)[1].replace(",", "").split()
+            return int(words[0]), int(words[2])
+    raise AssertionError(f"the worker did not stop cleanly:\n{log[-2000:]}")
+
+
+def run_fencing_scenario(url: str, workdir: Path, *, fencing: bool) -> FencingFigures:
+    """Pause (SIGSTOP) the worker running a 3 s task for twice the 1 s lease, let another worker
+    take the task over, then let the paused one finish and report late."""
+    lease = 1.0
+    env = {"TACTICIAN_LEASE_SECONDS": str(lease), "TACTICIAN_FENCING": str(fencing).lower()}
+    (task_id,) = submit(url, [NewTask("work", {"key": "fence", "seconds": 3.0},
+                                      idempotency_key="fence")])  # fmt: skip
+    with Cluster(url, workdir, env) as cluster:
+
+        def runs() -> list[tuple[str, str]]:
+            return [(f[2], f[0]) for f in read_effects(cluster.effects)]
+
+        def progress() -> str:
+            return f"runs={runs()} counts={states(url)}"
+
+        cluster.planner().start()
+        late = cluster.worker("late").start()
+        wait_until(lambda: ("1", "start") in runs(), 30.0, progress, every=0.005)
+        late.signal_family(signal.SIGSTOP)  # the worker and its runner, mid-task
+        paused_at = time.monotonic()
+        other = cluster.worker("other").start()
+        wait_until(lambda: ("2", "start") in runs(), 30.0, progress)
+        time.sleep(max(0.0, paused_at + 2 * lease - time.monotonic()))
+        paused_for = time.monotonic() - paused_at
+        late.signal_family(signal.SIGCONT)
+        wait_until(lambda: {("1", "done"), ("2", "done")} <= set(runs()), 30.0, progress)
+        # Stopping cleanly makes each worker report what it holds, then log its totals.
+        assert late.stop() == 0, late.tail()
+        assert other.stop() == 0, other.tail()
+        late_log, other_log = late.text(), other.text()
+
+    with connect(url) as conn:
+        attempts = query(conn, "SELECT token, worker_id, outcome FROM attempts WHERE task_id = ? "
+                         "ORDER BY token", (task_id,))  # fmt: skip
+        ((state,),) = query(conn, "SELECT state FROM tasks WHERE id = ?", (task_id,))
+    late_accepted, late_refused = _stopped_counts(late_log)
+    other_accepted, _ = _stopped_counts(other_log)
+    figures = FencingFigures(
+        task_id=task_id,
+        state=state,
+        attempts=[(int(t), str(w), str(o)) for t, w, o in attempts],
+        runs=runs(),
+        late_log=late_log,
+        late_accepted=late_accepted,
+        late_refused=late_refused,
+        other_accepted=other_accepted,
+        paused_for=paused_for,
+    )
+    print(f"\n[fencing={fencing}] {figures.summary()}")
+    return figures
+
+
+@pytest.fixture(scope="module")
+def fenced(tmp_path_factory: pytest.TempPathFactory) -> FencingFigures:
+    workdir = tmp_path_factory.mktemp("fenced")
+    return run_fencing_scenario(f"sqlite:///{workdir}/tactician.db", workdir, fencing=True)
+
+
+@pytest.fixture(scope="module")
+def unfenced(tmp_path_factory: pytest.TempPathFactory) -> FencingFigures:
+    workdir = tmp_path_factory.mktemp("unfenced")
+    return run_fencing_scenario(f"sqlite:///{workdir}/tactician.db", workdir, fencing=False)
+
+
+BOTH_RAN = [("1", "start"), ("2", "start"), ("1", "done"), ("2", "done")]
+"""The paused run began, the other worker took over, then both ran to their end."""
+
+
+@pytest.mark.slow
+def test_late_result_of_a_paused_worker_is_refused(fenced: FencingFigures) -> None:
+    f = fenced
+    assert f.runs == BOTH_RAN, f.summary()
+    assert f.paused_for >= 2.0, f.summary()
+    assert f.state == "succeeded", f.summary()
+    assert f.late_refusal_logged, f.summary()
+    assert (f.late_accepted, f.late_refused, f.other_accepted) == (0, 1, 1), f.summary()
+    assert f.succeeded_attempts == 1, f.summary()
+    assert [(t, o) for t, _, o in f.attempts] == [(1, "lost"), (2, "succeeded")], f.summary()
+
+
+@pytest.mark.slow
+def test_without_fencing_the_late_result_is_accepted(unfenced: FencingFigures) -> None:
+    f = unfenced
+    assert f.runs == BOTH_RAN, f.summary()
+    assert not f.late_refusal_logged, f.summary()
+    assert (f.late_accepted, f.late_refused, f.other_accepted) == (1, 0, 1), f.summary()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="store bug: finish() inserts the attempt with ON CONFLICT DO NOTHING, so a late "
+    "result the store accepts is not recorded when the reaper already wrote a 'lost' row for "
+    "the same (task_id, token); the attempts table cannot show the double success",
+)
+def test_without_fencing_the_attempts_table_shows_two_successes(unfenced: FencingFigures) -> None:
+    assert unfenced.succeeded_attempts == 2, unfenced.summary()

@@ -1,0 +1,410 @@
+"""A real worker with forked runner processes, driven in-process on SQLite and PostgreSQL.
+
+Handlers run in runner processes, so they are module-level functions and report through files.
+The planner ticks inside the worker's `should_stop`, in the same thread, so one store serves both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tactician.app import Tactician
+from tactician.domain import TaskState
+from tactician.run.context import current_task
+from tactician.run.worker import WorkerOptions
+from tactician.settings import Settings
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# --- handlers (module level: they run in forked runner processes) -------------------------
+
+
+def record(path: str, value: str) -> None:
+    context = current_task()
+    with open(path, "a") as out:
+        out.write(f"{value}:{context.kind}:{context.attempt}\n")
+
+
+async def record_async(path: str, value: str, delay: float = 0.01) -> None:
+    await asyncio.sleep(delay)
+    record(path, value)
+
+
+def flaky(path: str, failures: int) -> None:
+    """Fails `failures` times, then succeeds; counts attempts in a file."""
+    with open(path, "a") as out:
+        out.write("attempt\n")
+    attempts = len(Path(path).read_text().splitlines())
+    if attempts <= failures:
+        raise RuntimeError(f"attempt {attempts} fails")
+
+
+def always_fails(message: str) -> None:
+    raise ValueError(message)
+
+
+def spin(pid_file: str) -> None:
+    Path(pid_file).write_text(str(os.getpid()))
+    while True:
+        pass
+
+
+def sleep_for(pid_file: str, seconds: float) -> None:
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(seconds)
+
+
+def mark_and_sleep(path: str, value: str, seconds: float) -> None:
+    with open(path, "a") as out:
+        out.write(f"{value}\n")
+    time.sleep(seconds)
+
+
+def crash(code: int) -> None:
+    os._exit(code)
+
+
+class AsyncRecorder:
+    """A callable object whose __call__ is async (not a coroutine function itself)."""
+
+    async def __call__(self, path: str, value: str) -> None:
+        await asyncio.sleep(0)
+        record(path, value)
+
+
+async_recorder = AsyncRecorder()
+
+
+# --- driving ---------------------------------------------------------------------------------
+
+
+def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in {"Z", "X"}
+
+
+def make_app(url: str, lease_seconds: float = 5.0) -> Tactician:
+    return Tactician(settings=Settings(db=url, lease_seconds=lease_seconds, poll_interval=0.01))
+
+
+def run_until(
+    app: Tactician,
+    done: Callable[[], bool],
+    *,
+    timeout: float = 8.0,
+    options: WorkerOptions | None = None,
+    each: Callable[[], None] | None = None,
+) -> bool:
+    """Run a worker (and tick a planner) until done() or the deadline; True if done."""
+    planner = app.planner()
+    worker = app.worker(options or WorkerOptions(poll_interval=0.01))
+    deadline = time.monotonic() + timeout
+    reached = False
+
+    def should_stop() -> bool:
+        nonlocal reached
+        if reached:
+            return True
+        if each is not None:  # before the tick: it sees each state a result left behind
+            each()
+        planner.tick()
+        reached = done()
+        return reached or time.monotonic() > deadline
+
+    try:
+        worker.run(should_stop)
+    finally:
+        app.store.resign(planner.holder)
+    return reached
+
+
+def final(app: Tactician, *task_ids: str) -> Callable[[], bool]:
+    return lambda: all(app.get(t).state.is_final for t in task_ids)
+
+
+@pytest.fixture
+def app(db_url: str) -> Tactician:
+    the_app = make_app(db_url)
+    yield the_app  # type: ignore[misc]
+    the_app.close()
+
+
+# --- success and payload binding -------------------------------------------------------------
+
+
+def test_sync_and_async_handlers_succeed(app: Tactician, tmp_path: Path) -> None:
+    out = tmp_path / "out.txt"
+    app.task(record)
+    app.task(record_async)
+    sync_id = app.submit("record", {"path": str(out), "value": "sync"})
+    async_id = app.submit("record_async", {"path": str(out), "value": "async", "delay": 0.02})
+
+    assert run_until(app, final(app, sync_id, async_id))
+
+    for task_id in (sync_id, async_id):
+        task = app.get(task_id)
+        assert task.state is TaskState.SUCCEEDED, task.last_error
+        assert task.attempt == 1
+        assert [a.outcome for a in app.store.attempts(task_id)] == ["succeeded"]
+    assert sorted(out.read_text().splitlines()) == ["async:record_async:1", "sync:record:1"]
+
+
+def test_an_async_callable_object_is_awaited(app: Tactician, tmp_path: Path) -> None:
+    out = tmp_path / "out.txt"
+    app.task(async_recorder, name="async_object")
+    task_id = app.submit("async_object", {"path": str(out), "value": "awaited"})
+
+    assert run_until(app, final(app, task_id))
+
+    assert app.get(task_id).state is TaskState.SUCCEEDED
+    assert out.read_text().splitlines() == ["awaited:async_object:1"]
+
+
+def test_many_tasks_on_several_runners(app: Tactician, tmp_path: Path) -> None:
+    out = tmp_path / "out.txt"
+    app.task(record)
+    ids = [app.submit("record", {"path": str(out), "value": str(i)}) for i in range(20)]
+
+    assert run_until(app, final(app, *ids), options=WorkerOptions(concurrency=3, batch=2))
+
+    assert app.store.counts() == {"succeeded": 20}
+    assert sorted(line.split(":")[0] for line in out.read_text().splitlines()) == sorted(
+        str(i) for i in range(20)
+    )
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        ({"value": "x"}, "missing a required argument: 'path'"),
+        ({"path": "p", "value": "x", "extra": 1}, "unexpected keyword argument 'extra'"),
+    ],
+)
+def test_a_payload_that_does_not_fit_is_dead_at_once(
+    app: Tactician, payload: dict[str, object], problem: str
+) -> None:
+    app.task(record, retries=5, backoff=0.01)
+    task_id = app.submit("record", payload)
+
+    assert run_until(app, final(app, task_id))
+
+    task = app.get(task_id)
+    assert task.state is TaskState.DEAD
+    assert task.attempt == 1  # not retried
+    assert task.last_error is not None
+    assert "payload does not fit record" in task.last_error
+    assert problem in task.last_error
+
+
+# --- retries and dead letters ------------------------------------------------------------------
+
+
+def test_a_handler_that_fails_twice_then_succeeds(app: Tactician, tmp_path: Path) -> None:
+    counter = tmp_path / "attempts.txt"
+    app.task(flaky, retries=3, backoff=0.05)
+    task_id = app.submit("flaky", {"path": str(counter), "failures": 2})
+
+    assert run_until(app, final(app, task_id))
+
+    task = app.get(task_id)
+    assert task.state is TaskState.SUCCEEDED
+    assert task.attempt == 3
+    assert task.last_error is None
+    attempts = app.store.attempts(task_id)
+    assert [(a.attempt, a.outcome) for a in attempts] == [
+        (1, "failed"),
+        (2, "failed"),
+        (3, "succeeded"),
+    ]
+    assert attempts[0].error == "RuntimeError: attempt 1 fails"
+    assert attempts[1].error == "RuntimeError: attempt 2 fails"
+    assert len(counter.read_text().splitlines()) == 3
+
+
+def test_exhausted_retries_leave_a_dead_letter(app: Tactician) -> None:
+    app.task(always_fails, retries=2, backoff=0.02)
+    task_id = app.submit("always_fails", {"message": "the disk is full"})
+
+    assert run_until(app, final(app, task_id))
+
+    task = app.get(task_id)
+    assert task.state is TaskState.DEAD
+    assert task.attempt == 3
+    assert task.last_error == "ValueError: the disk is full"
+    assert task.last_traceback is not None
+    assert "Traceback" in task.last_traceback
+    assert "always_fails" in task.last_traceback
+    assert [a.outcome for a in app.store.attempts(task_id)] == ["failed"] * 3
+    assert app.tasks()[0].state is TaskState.DEAD
+
+
+def test_retry_waits_for_the_backoff(app: Tactician) -> None:
+    app.task(always_fails, retries=1, backoff=0.5, max_backoff=0.5)
+    task_id = app.submit("always_fails", {"message": "later"})
+    seen: set[TaskState] = set()
+
+    assert run_until(app, final(app, task_id), each=lambda: seen.add(app.get(task_id).state))
+
+    assert TaskState.RETRY_WAIT in seen
+    attempts = app.store.attempts(task_id)
+    assert len(attempts) == 2
+    assert attempts[1].started_at >= attempts[0].finished_at
+
+
+def test_a_runner_that_dies_is_replaced(app: Tactician, tmp_path: Path) -> None:
+    out = tmp_path / "out.txt"
+    app.task(crash, retries=0)
+    app.task(record)
+    crashed = app.submit("crash", {"code": 3})
+    after = app.submit("record", {"path": str(out), "value": "after"})
+
+    assert run_until(app, final(app, crashed, after))
+
+    task = app.get(crashed)
+    assert task.state is TaskState.DEAD
+    assert task.last_error is not None and "runner process died" in task.last_error
+    assert app.get(after).state is TaskState.SUCCEEDED
+
+
+# --- hard timeouts ------------------------------------------------------------------------------
+
+
+def test_a_hard_timeout_stops_cpu_bound_code(app: Tactician, tmp_path: Path) -> None:
+    pid_file = tmp_path / "spin.pid"
+    out = tmp_path / "out.txt"
+    app.task(spin, timeout=1.0, retries=0)
+    app.task(record)
+    spinning = app.submit("spin", {"pid_file": str(pid_file)})
+    marks: dict[str, float] = {}
+
+    def watch() -> None:
+        if "started" not in marks and pid_file.exists():
+            marks["started"] = time.monotonic()
+        if "ended" not in marks and app.get(spinning).state.is_final:
+            marks["ended"] = time.monotonic()
+
+    assert run_until(app, final(app, spinning), each=watch)
+
+    assert marks["ended"] - marks["started"] <= 1.0 + 1.0
+    task = app.get(spinning)
+    assert task.state is TaskState.DEAD
+    assert task.last_error is not None and task.last_error.startswith("TimeoutError")
+    assert "timed out after 1s" in task.last_error
+    [attempt] = app.store.attempts(spinning)
+    assert attempt.outcome == "timeout"
+    assert 0.9 <= attempt.finished_at - attempt.started_at <= 3.0
+    assert not pid_alive(int(pid_file.read_text()))
+
+    # The runner was replaced: the worker goes on with the next task.
+    after = app.submit("record", {"path": str(out), "value": "after"})
+    assert run_until(app, final(app, after))
+    assert app.get(after).state is TaskState.SUCCEEDED
+
+
+def test_a_timed_out_attempt_is_retried(sqlite_url: str, tmp_path: Path) -> None:
+    app = make_app(sqlite_url)
+    pid_file = tmp_path / "spin.pid"
+    app.task(spin, timeout=0.5, retries=1, backoff=0.01)
+    task_id = app.submit("spin", {"pid_file": str(pid_file)})
+    seen: set[TaskState] = set()
+
+    assert run_until(app, final(app, task_id), each=lambda: seen.add(app.get(task_id).state))
+
+    assert TaskState.RETRY_WAIT in seen
+    assert [a.outcome for a in app.store.attempts(task_id)] == ["timeout", "timeout"]
+    assert app.get(task_id).state is TaskState.DEAD
+    app.close()
+
+
+# --- cancellation --------------------------------------------------------------------------------
+
+
+def test_cancelling_a_running_task_kills_its_handler(db_url: str, tmp_path: Path) -> None:
+    app = make_app(db_url, lease_seconds=1.0)  # heartbeats every 1/3 s
+    pid_file = tmp_path / "sleep.pid"
+    out = tmp_path / "out.txt"
+    app.task(sleep_for, retries=3)
+    app.task(record)
+    task_id = app.submit("sleep_for", {"pid_file": str(pid_file), "seconds": 30})
+    marks: dict[str, float] = {}
+
+    def cancel_once_running() -> None:
+        if "cancelled" in marks or not pid_file.exists():
+            return
+        if app.get(task_id).state is TaskState.RUNNING:
+            assert app.cancel(task_id).cancel_requested
+            marks["cancelled"] = time.monotonic()
+
+    assert run_until(
+        app, lambda: app.get(task_id).state.is_final, each=cancel_once_running, timeout=8.0
+    )
+    elapsed = time.monotonic() - marks["cancelled"]
+
+    task = app.get(task_id)
+    assert task.state is TaskState.CANCELLED
+    assert elapsed < 2.0  # a few heartbeats of 1/3 s
+    assert task.attempt == 1  # a cancel is not retried
+    assert [a.outcome for a in app.store.attempts(task_id)] == ["cancelled"]
+    assert not pid_alive(int(pid_file.read_text()))
+
+    after = app.submit("record", {"path": str(out), "value": "after"})
+    assert run_until(app, final(app, after))
+    assert app.get(after).state is TaskState.SUCCEEDED
+    app.close()
+
+
+def test_cancelling_a_task_waiting_in_a_runner_batch(db_url: str, tmp_path: Path) -> None:
+    app = make_app(db_url, lease_seconds=1.0)
+    out = tmp_path / "started.txt"
+    app.task(mark_and_sleep)
+    ids = {
+        name: app.submit("mark_and_sleep", {"path": str(out), "value": name, "seconds": 1.0})
+        for name in ("a", "b", "c")
+    }
+    cancelled: list[str] = []
+
+    def cancel_one_still_waiting() -> None:
+        started = out.read_text().split() if out.exists() else []
+        if not cancelled and len(started) == 1:  # one runs; two wait in the runner's batch
+            victim = min(set(ids) - set(started))
+            app.cancel(ids[victim])
+            cancelled.append(victim)
+
+    options = WorkerOptions(concurrency=1, batch=3, poll_interval=0.01)
+    assert run_until(app, final(app, *ids.values()), options=options, each=cancel_one_still_waiting)
+
+    [victim] = cancelled
+    assert app.get(ids[victim]).state is TaskState.CANCELLED
+    assert sorted(out.read_text().split()) == sorted(set(ids) - {victim})  # it never started
+    for name in set(ids) - {victim}:
+        assert app.get(ids[name]).state is TaskState.SUCCEEDED
+
+    # The runner's batch bookkeeping is intact: it takes and finishes new work.
+    after = app.submit("mark_and_sleep", {"path": str(out), "value": "after", "seconds": 0})
+    assert run_until(app, final(app, after), options=options)
+    assert app.get(after).state is TaskState.SUCCEEDED
+    app.close()
+
+
+def test_cancelling_a_waiting_task_never_runs_it(app: Tactician, tmp_path: Path) -> None:
+    out = tmp_path / "out.txt"
+    app.task(record)
+    task_id = app.submit("record", {"path": str(out), "value": "never"})
+    assert app.cancel(task_id).state is TaskState.CANCELLED
+    other = app.submit("record", {"path": str(out), "value": "other"})
+
+    assert run_until(app, final(app, other))
+
+    assert app.get(task_id).state is TaskState.CANCELLED
+    assert out.read_text().splitlines() == ["other:record:1"]

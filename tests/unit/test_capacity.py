@@ -1,0 +1,179 @@
+"""plan_starts: capacity-aware choice of what starts now, best first, skip and continue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tactician.plan.capacity import Candidate, CapacityView, KindLimits, plan_starts
+from tactician.plan.flow import Bucket
+
+NOW = 1_000.0
+
+
+def task(
+    task_id: str,
+    *,
+    kind: str = "k",
+    pool: str = "default",
+    units: int = 1,
+    key: str | None = None,
+    target: str = "python:k",
+    rank: float = 0.0,
+) -> Candidate:
+    return Candidate(task_id, kind, pool, units, key, target, rank)
+
+
+def view(**fields: Any) -> CapacityView:
+    fields.setdefault("pool_capacity", {})
+    return CapacityView(**fields)
+
+
+def ids(candidates: list[Candidate]) -> list[str]:
+    return [c.id for c in candidates]
+
+
+def test_unbounded_pools_start_everything_in_order() -> None:
+    plan = plan_starts([task("a"), task("b"), task("c")], view(), NOW, 10)
+    assert ids(plan.starts) == ["a", "b", "c"]
+    assert plan.blocked == {}
+
+
+def test_limit_caps_the_starts() -> None:
+    plan = plan_starts([task(str(i)) for i in range(10)], view(), NOW, 3)
+    assert ids(plan.starts) == ["0", "1", "2"]
+    assert plan_starts([task("a")], view(), NOW, 0).starts == []
+
+
+def test_pool_units_are_never_over_committed() -> None:
+    capacity = view(pool_capacity={"gpu": 4}, pool_used={"gpu": 1})
+    tasks = [task("a", pool="gpu", units=2), task("b", pool="gpu", units=2), task("c", pool="gpu")]
+    plan = plan_starts(tasks, capacity, NOW, 10)
+    assert ids(plan.starts) == ["a", "c"]  # 1 + 2 + 1 = 4; b would make 5
+    assert plan.blocked == {"b": "pool gpu is full"}
+    assert capacity.pool_used == {"gpu": 4}
+
+
+def test_a_zero_capacity_pool_starts_nothing() -> None:
+    plan = plan_starts([task("a", pool="off")], view(pool_capacity={"off": 0}), NOW, 10)
+    assert plan.starts == []
+
+
+def test_pools_are_independent() -> None:
+    capacity = view(pool_capacity={"a": 1, "b": 1})
+    tasks = [task("1", pool="a"), task("2", pool="a"), task("3", pool="b")]
+    assert ids(plan_starts(tasks, capacity, NOW, 10).starts) == ["1", "3"]
+
+
+def test_a_small_task_passes_a_blocked_big_one() -> None:
+    capacity = view(pool_capacity={"drivers": 3}, pool_used={"drivers": 1})
+    tasks = [
+        task("big", pool="drivers", units=3),
+        task("small", pool="drivers", units=1),
+        task("small2", pool="drivers", units=1),
+        task("small3", pool="drivers", units=1),
+    ]
+    plan = plan_starts(tasks, capacity, NOW, 10)
+    assert ids(plan.starts) == ["small", "small2"]
+    assert set(plan.blocked) == {"big", "small3"}
+
+
+def test_one_running_task_per_concurrency_key() -> None:
+    capacity = view(busy_keys={"sync:acme"})
+    tasks = [
+        task("a", key="sync:acme"),
+        task("b", key="sync:globex"),
+        task("c", key="sync:globex"),
+        task("d"),
+    ]
+    plan = plan_starts(tasks, capacity, NOW, 10)
+    assert ids(plan.starts) == ["b", "d"]
+    assert plan.blocked["a"] == "concurrency key sync:acme is busy"
+    assert plan.blocked["c"] == "concurrency key sync:globex is busy"
+
+
+def test_target_limits_count_tasks_in_flight() -> None:
+    capacity = view(
+        target_allowed={"http://api": 3, "http://other": None},
+        target_in_flight={"http://api": 1},
+    )
+    tasks = [task(f"api{i}", target="http://api") for i in range(4)]
+    tasks += [task(f"other{i}", target="http://other") for i in range(3)]
+    plan = plan_starts(tasks, capacity, NOW, 10)
+    assert ids(plan.starts) == ["api0", "api1", "other0", "other1", "other2"]
+    assert plan.blocked["api2"] == "target http://api is at its limit (3)"
+
+
+def test_an_open_breaker_blocks_its_target() -> None:
+    capacity = view(target_allowed={"http://down": 0})
+    plan = plan_starts([task("a", target="http://down"), task("b")], capacity, NOW, 10)
+    assert ids(plan.starts) == ["b"]
+
+
+def test_rate_buckets_start_with_a_full_burst_and_are_returned_when_changed() -> None:
+    capacity = view(kind_limits={"mail": KindLimits(rate_per_second=1.0, rate_burst=2.0)})
+    tasks = [task(str(i), kind="mail") for i in range(5)] + [task("free", kind="other")]
+    plan = plan_starts(tasks, capacity, NOW, 10)
+    assert ids(plan.starts) == ["0", "1", "free"]
+    assert plan.buckets == {"kind:mail": Bucket(0.0, NOW)}
+    assert plan.blocked["2"] == "rate limit of mail"
+
+
+def test_rate_buckets_refill_with_time() -> None:
+    limits = {"mail": KindLimits(rate_per_second=2.0, rate_burst=5.0)}
+    buckets = {"kind:mail": Bucket(0.0, NOW - 1.6)}  # 3.2 tokens by now
+    capacity = view(kind_limits=limits, buckets=buckets)
+    plan = plan_starts([task(str(i), kind="mail") for i in range(5)], capacity, NOW, 10)
+    assert ids(plan.starts) == ["0", "1", "2"]
+    assert plan.buckets["kind:mail"].tokens == pytest.approx(0.2)
+
+
+def test_a_blocked_task_takes_no_token() -> None:
+    limits = {"mail": KindLimits(rate_per_second=1.0, rate_burst=1.0)}
+    capacity = view(pool_capacity={"p": 0}, kind_limits=limits)
+    plan = plan_starts(
+        [task("blocked", kind="mail", pool="p"), task("ok", kind="mail")], capacity, NOW, 10
+    )
+    assert ids(plan.starts) == ["ok"]
+
+
+def test_an_unchanged_bucket_is_not_returned() -> None:
+    limits = {"mail": KindLimits(rate_per_second=1.0, rate_burst=1.0)}
+    capacity = view(kind_limits=limits, buckets={"kind:mail": Bucket(0.0, NOW)})
+    plan = plan_starts([task("a", kind="mail")], capacity, NOW, 10)
+    assert plan.starts == [] and plan.buckets == {}
+
+
+def test_limit_counts_only_starts_not_blocked_tasks() -> None:
+    capacity = view(pool_capacity={"p": 0})
+    tasks = [task(f"b{i}", pool="p") for i in range(5)] + [task("x"), task("y"), task("z")]
+    assert ids(plan_starts(tasks, capacity, NOW, 2).starts) == ["x", "y"]
+
+
+def test_the_blocked_map_is_bounded() -> None:
+    capacity = view(pool_capacity={"p": 0})
+    plan = plan_starts([task(str(i), pool="p") for i in range(500)], capacity, NOW, 10)
+    assert plan.starts == []
+    assert len(plan.blocked) == 100
+
+
+def test_all_limits_together() -> None:
+    capacity = view(
+        pool_capacity={"workers": 3},
+        busy_keys={"k:1"},
+        target_allowed={"http://api": 1},
+        kind_limits={"k": KindLimits(rate_per_second=0.001, rate_burst=2.0)},
+    )
+    tasks = [
+        task("key-busy", key="k:1", pool="workers"),
+        task("api-1", target="http://api", pool="workers"),
+        task("api-2", target="http://api", pool="workers"),
+        task("plain-1", pool="workers"),
+        task("plain-2", pool="workers"),  # rate: the burst of 2 is spent by api-1 and plain-1
+        task("other-kind", kind="o", pool="workers"),
+        task("pool-full", kind="o", pool="workers"),
+    ]
+    plan = plan_starts(tasks, capacity, NOW, 10)
+    assert ids(plan.starts) == ["api-1", "plain-1", "other-kind"]
+    assert set(plan.blocked) == {"key-busy", "api-2", "plain-2", "pool-full"}
