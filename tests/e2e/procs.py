@@ -137,6 +137,11 @@ class Proc:
         """Processes once under this one that outlived it (same command line: forked runners)."""
         return [pid for pid in sorted(self._seen) if _cmdline(pid) == self._cmdline]
 
+    def family_states(self) -> list[str]:
+        """State letters of the process and everything under it."""
+        assert self.popen is not None, f"{self.name} is not running"
+        return [state_of(pid) for pid in [self.popen.pid, *self.descendants()]]
+
     def kill_strays(self) -> None:
         for pid in self.strays():
             with contextlib.suppress(ProcessLookupError):
@@ -179,6 +184,14 @@ def _signal_group(group: int, sig: int) -> None:
         os.killpg(group, sig)
 
 
+def state_of(pid: int) -> str:
+    """The process's state letter from /proc (R running, S sleeping, T stopped, ...)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -216,8 +229,17 @@ class Cluster:
         return self._add(name, ["planner", "--app", APP, "--db", self.db])
 
     def worker(self, name: str, concurrency: int = 1, batch: int = 1) -> Proc:
-        argv = ["worker", "--app", APP, "--db", self.db, "--concurrency", str(concurrency),
-                "--batch", str(batch)]  # fmt: skip
+        argv = [
+            "worker",
+            "--app",
+            APP,
+            "--db",
+            self.db,
+            "--concurrency",
+            str(concurrency),
+            "--batch",
+            str(batch),
+        ]
         return self._add(name, argv)
 
     def _add(self, name: str, args: list[str]) -> Proc:
@@ -240,6 +262,8 @@ class Cluster:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
+            for proc in self.procs:  # leftovers of killed workers first: they may hold locks
+                proc.kill_strays()
             self.stop_all()
         finally:
             for proc in self.procs:  # whatever stop_all could not do
@@ -263,11 +287,45 @@ def wait_until(
     return time.monotonic() - start
 
 
+def wait_for_progress(
+    count: Callable[[], int],
+    target: int,
+    what: Callable[[], str],
+    *,
+    stall: float = 60.0,
+    cap: float = 480.0,
+    every: float = 0.05,
+) -> float:
+    """Poll `count()` until it reaches `target`. Fail when it has not grown for `stall` seconds
+    (however slow a loaded machine is, progress must not stop) or after `cap` seconds."""
+    start = changed = time.monotonic()
+    best = count()
+    while best < target:
+        now = time.monotonic()
+        if now - changed > stall:
+            raise AssertionError(f"no progress for {stall:g}s at {best}/{target}: {what()}")
+        if now - start > cap:
+            raise AssertionError(f"only {best}/{target} after {cap:g}s: {what()}")
+        time.sleep(every)
+        current = count()
+        if current > best:
+            best, changed = current, time.monotonic()
+    return time.monotonic() - start
+
+
 def read_effects(path: Path) -> list[list[str]]:
     """The effects file as lists of fields; a torn last line would be a bug, so it fails."""
     data = path.read_bytes()
     assert not data or data.endswith(b"\n"), f"{path} ends with a partial line"
     return [line.split() for line in data.decode().splitlines()]
+
+
+def last_effects(path: Path, size: int = 8192) -> list[list[str]]:
+    """The last whole lines of the effects file (cheap enough to poll while tasks run)."""
+    with path.open("rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+        lines = f.read().decode(errors="replace").split("\n")[1:-1]
+    return [line.split() for line in lines]
 
 
 @contextlib.contextmanager

@@ -7,11 +7,16 @@ see the fault it guards against.
 
 from __future__ import annotations
 
+import fcntl
+import math
+import os
 import random
+import re
 import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,14 +24,25 @@ import pytest
 from tactician.domain import NewTask
 
 from .crash_app import build
-from .procs import Cluster, connect, query, read_effects, wait_until
+from .procs import (
+    Cluster,
+    connect,
+    last_effects,
+    query,
+    read_effects,
+    wait_for_progress,
+    wait_until,
+)
 
 FINAL = {"succeeded", "dead", "cancelled"}
+REFUSAL = re.compile(r"result for task \S+ refused")
+"""What a worker logs when the store refuses its result (fencing)."""
 
 
 def states(url: str) -> dict[str, int]:
     with connect(url) as conn:
-        return {s: int(n) for s, n in query(conn, "SELECT state, count(*) FROM tasks GROUP BY state")}
+        rows = query(conn, "SELECT state, count(*) FROM tasks GROUP BY state")
+    return {state: int(n) for state, n in rows}
 
 
 def submit(url: str, tasks: list[NewTask]) -> list[str]:
@@ -54,6 +70,8 @@ class CrashFigures:
     """Runs beyond the first, summed over tasks."""
     interrupted: int
     """Runs that began but did not reach their end (killed mid-task)."""
+    never_completed: int
+    """Tasks none of whose runs reached its end."""
     worker_kills: int
     planner_kills: int
     attempts: dict[str, int]
@@ -71,6 +89,7 @@ class CrashFigures:
             f"counts={self.counts}, executions={self.executions}, missing={self.missing}, "
             f"duplicates={self.duplicates} (kills={self.kills}: {self.worker_kills} workers, "
             f"{self.planner_kills} planner), interrupted={self.interrupted}, "
+            f"never_completed={self.never_completed}, "
             f"attempts={self.attempts}, refused={self.refused}"
         )
 
@@ -86,7 +105,6 @@ def run_crash_scenario(
     lease: float = 2.0,
     task_seconds: tuple[float, float] = (0.001, 0.002),
     heartbeat_every: float | None = None,
-    timeout: float = 150.0,
 ) -> CrashFigures:
     """Run `tasks` tasks through `workers` workers and a planner, SIGKILLing and restarting a
     random worker `worker_kills` times and the planner `planner_kills` times, at random points
@@ -106,7 +124,10 @@ def run_crash_scenario(
         env["E2E_HEARTBEAT_EVERY"] = str(heartbeat_every)
     # Kill at random points of progress (fractions of tasks finished), so every kill lands
     # while work is going on, however fast this machine is.
-    victims = ["worker"] * worker_kills + ["planner"] * planner_kills
+    # Some worker kills are aimed at a moment a handler is running (its side effect done, its
+    # result not yet recorded: the worst moment); the others land wherever they land.
+    aimed = (worker_kills + 1) // 2
+    victims = ["aimed"] * aimed + ["worker"] * (worker_kills - aimed) + ["planner"] * planner_kills
     rng.shuffle(victims)
     points = sorted(rng.uniform(0.05, 0.9) for _ in victims)
     kill_log: list[str] = []
@@ -114,32 +135,42 @@ def run_crash_scenario(
         planner = cluster.planner().start()
         pool = [cluster.worker(f"worker-{i}").start() for i in range(workers)]
         began = time.monotonic()
-        deadline = began + timeout
 
         def finished() -> int:
             return sum(n for s, n in states(url).items() if s in FINAL)
 
         def progress() -> str:
-            return (f"seed={seed} counts={states(url)} after {time.monotonic() - began:.1f}s, "
-                    f"kills so far: {kill_log}")  # fmt: skip
+            return (
+                f"seed={seed} counts={states(url)} after {time.monotonic() - began:.1f}s, "
+                f"kills so far: {kill_log}"
+            )
 
         for point, victim in zip(points, victims, strict=True):
-            wait_until(lambda p=point: finished() >= p * tasks, deadline - time.monotonic(),
-                       progress)  # fmt: skip
+            wait_for_progress(finished, math.ceil(point * tasks), progress)
             time.sleep(rng.uniform(0.0, 0.05))
             if victim == "planner":
                 proc = planner
-            else:
+            else:  # "worker" or "aimed"
                 # A worker still starting up holds no task: killing it would prove nothing.
                 wait_until(lambda: any(w.uptime() >= 1.0 for w in pool), 10.0, progress)
                 proc = rng.choice([w for w in pool if w.uptime() >= 1.0])
             done = finished()
+            mark = ""
+            if victim == "aimed":
+                runners = {str(pid) for pid in proc.descendants()}
+                try:
+                    wait_until(
+                        partial(in_handler, cluster.effects, runners), 10.0, progress, every=0.0005
+                    )
+                    mark = "*"
+                except AssertionError:  # a starved worker on a loaded machine: kill it anyway
+                    mark = "?"
             proc.restart()
-            kill_log.append(f"{proc.name}@{done}")
-        wait_until(lambda: finished() == tasks, deadline - time.monotonic(), progress, every=0.1)
+            kill_log.append(f"{proc.name}@{done}{mark}")
+        wait_for_progress(finished, tasks, progress)
         seconds = time.monotonic() - began
         cluster.stop_all()
-        refused = sum(w.text().count("refused") for w in pool)
+        refused = sum(len(REFUSAL.findall(w.text())) for w in pool)
 
     effects = read_effects(cluster.effects)
     starts = [(f[1], f[2]) for f in effects if f[0] == "start"]
@@ -157,20 +188,33 @@ def run_crash_scenario(
         missing=sum(1 for k in keys if runs[k] == 0),
         duplicates=sum(n - 1 for n in runs.values() if n > 1),
         interrupted=sum(1 for s in starts if s not in ends),
+        never_completed=len(set(keys) - {key for key, _ in ends}),
         worker_kills=worker_kills,
         planner_kills=planner_kills,
         attempts={k: int(v) for k, v in attempts.items()},
         refused=refused,
         kill_log=kill_log,
     )
-    print(f"\n[crash seed={seed}] {figures.summary()}\n  kills (victim@tasks finished): "
-          f"{' '.join(kill_log)}")  # fmt: skip
+    print(
+        f"\n[crash seed={seed}] {figures.summary()}\n  kills (victim@tasks finished, "
+        f"*: aimed mid-handler): {' '.join(kill_log)}"
+    )
     return figures
+
+
+def in_handler(effects: Path, runners: set[str]) -> bool:
+    """Is one of these runner processes inside a handler (its last line a 'start')?"""
+    last: dict[str, str] = {}
+    for line in last_effects(effects):
+        if len(line) >= 4 and line[3] in runners:
+            last[line[3]] = line[0]
+    return "start" in last.values()
 
 
 def assert_survived(f: CrashFigures) -> None:
     assert f.counts == {"succeeded": f.tasks}, f.summary()
     assert f.missing == 0, f"{f.missing} tasks never ran: {f.summary()}"
+    assert f.never_completed == 0, f"succeeded without a complete run: {f.summary()}"
     assert f.duplicates <= f.kills, f"more re-executions than kills: {f.summary()}"
     # Tighter, by design: with --batch 1 a killed worker leaves at most one task executed but
     # unrecorded, and a killed planner none.
@@ -181,9 +225,13 @@ def without_protection(url: str, workdir: Path, workers: int) -> CrashFigures:
     """The same run with leases shorter than a task and no heartbeats: the reaper hands tasks
     that live workers are still running to other workers."""
     return run_crash_scenario(
-        url, workdir, workers=workers, lease=0.002, task_seconds=(0.003, 0.004),
+        url,
+        workdir,
+        workers=workers,
+        lease=0.002,
+        task_seconds=(0.003, 0.004),
         heartbeat_every=3600.0,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.slow
@@ -210,6 +258,106 @@ def test_kill_9_check_sees_re_execution_on_postgres(pg_url: str, tmp_path: Path)
     assert figures.duplicates > figures.kills, figures.summary()
 
 
+# --- kill -9 of the worker process alone ---------------------------------------------------------
+# The OOM killer, or `kill -9 <pid>`, takes the worker process and leaves its runners be.
+
+
+RUNNERS_OUTLIVE_THEIR_WORKER = (
+    "run/runner.py: a runner never learns that its worker died. It is forked holding a copy of "
+    "the worker's end of its own pipe (and of every older runner's), so conn.recv() never sees "
+    "EOF, and since it now calls os.setpgid(0, 0) a kill of the worker's process group does not "
+    "reach it either: it lives on forever"
+)
+RUNNERS_HOLD_THE_STORE_LOCK = (
+    "store/sqlite.py + run/runner.py: runners are forked after the store is opened and keep the "
+    "open file description of '<db>-lock'; flock belongs to that description, so when a worker "
+    "dies inside a transaction its runners keep the write lock and every other process of the "
+    "deployment blocks on it (the run stalls; seen in the crash test as 'no progress')"
+)
+
+
+def lock_holders(lock_file: Path) -> set[int]:
+    """Pids that took a flock on this file, from /proc/locks (waiters are marked '->')."""
+    inode = str(lock_file.stat().st_ino)
+    holders = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        f = line.split()
+        if len(f) >= 6 and f[1] == "FLOCK" and f[5].rsplit(":", 1)[-1] == inode:
+            holders.add(int(f[4]))
+    return holders
+
+
+def lock_is_free(lock_file: Path) -> bool:
+    fd = os.open(lock_file, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=RUNNERS_OUTLIVE_THEIR_WORKER)
+def test_runners_die_with_their_worker(sqlite_url: str, tmp_path: Path) -> None:
+    with Cluster(sqlite_url, tmp_path) as cluster:
+        worker = cluster.worker("worker", concurrency=2).start()
+        wait_until(lambda: len(worker.descendants()) == 2, 30.0, worker.tail)
+        worker.kill_only_the_process()
+        wait_until(
+            lambda: not worker.strays(),
+            5.0,
+            lambda: f"runners {worker.strays()} outlived their worker",
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=RUNNERS_HOLD_THE_STORE_LOCK)
+def test_kill_9_of_a_worker_inside_a_transaction_blocks_nothing(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    tasks = 2000
+    submit(
+        sqlite_url,
+        [NewTask("work", {"key": f"k{i}"}, idempotency_key=f"k{i}") for i in range(tasks)],
+    )
+    lock_file = Path(sqlite_url.removeprefix("sqlite:///") + "-lock")
+    with Cluster(sqlite_url, tmp_path, {"TACTICIAN_LEASE_SECONDS": "2"}) as cluster:
+        cluster.planner().start()
+        worker = cluster.worker("worker").start()
+        wait_until(
+            lambda: states(sqlite_url).get("succeeded", 0) >= 100,
+            60.0,
+            lambda: f"{states(sqlite_url)}",
+        )
+        worker.descendants()  # remember its runner
+        # Freeze the worker alone until it is caught holding the store's write lock (inside a
+        # transaction), then kill it there: deterministic, whatever the timing.
+        for _ in range(1000):
+            os.kill(worker.pid, signal.SIGSTOP)
+            time.sleep(0.001)
+            if worker.pid in lock_holders(lock_file):
+                break
+            os.kill(worker.pid, signal.SIGCONT)
+            time.sleep(random.uniform(0.0, 0.003))
+        else:
+            raise RuntimeError("never caught the worker inside a transaction")
+        worker.kill_only_the_process()
+        cluster.worker("worker-2").start()
+
+        def why() -> str:
+            return (
+                f"{states(sqlite_url)}; the write lock is free: {lock_is_free(lock_file)}; "
+                f"runners that outlived the killed worker: {worker.strays()}"
+            )
+
+        wait_until(lambda: lock_is_free(lock_file), 10.0, why)
+        wait_until(lambda: states(sqlite_url) == {"succeeded": tasks}, 60.0, why, every=0.1)
+
+
 # --- fencing ------------------------------------------------------------------------------------
 
 
@@ -226,6 +374,8 @@ class FencingFigures:
     late_refused: int
     other_accepted: int
     paused_for: float
+    paused: int
+    """Processes paused: the worker and its runner."""
 
     @property
     def succeeded_attempts(self) -> int:
@@ -238,12 +388,13 @@ class FencingFigures:
     @property
     def late_refusal_logged(self) -> bool:
         """The worker's own words for a refused result (not its 'lease lost' warning)."""
-        return f"result for task {self.task_id} refused" in self.late_log
+        return any(self.task_id in m for m in REFUSAL.findall(self.late_log))
 
     def summary(self) -> str:
         return (
             f"state={self.state} attempts={self.attempts} runs={self.runs} paused "
-            f"{self.paused_for:.1f}s; late worker: {self.late_accepted} accepted, "
+            f"{self.paused} processes for {self.paused_for:.1f}s; "
+            f"late worker: {self.late_accepted} accepted, "
             f"{self.late_refused} refused; other worker: {self.other_accepted} accepted"
         )
 
@@ -262,8 +413,9 @@ def run_fencing_scenario(url: str, workdir: Path, *, fencing: bool) -> FencingFi
     take the task over, then let the paused one finish and report late."""
     lease = 1.0
     env = {"TACTICIAN_LEASE_SECONDS": str(lease), "TACTICIAN_FENCING": str(fencing).lower()}
-    (task_id,) = submit(url, [NewTask("work", {"key": "fence", "seconds": 3.0},
-                                      idempotency_key="fence")])  # fmt: skip
+    (task_id,) = submit(
+        url, [NewTask("work", {"key": "fence", "seconds": 3.0}, idempotency_key="fence")]
+    )
     with Cluster(url, workdir, env) as cluster:
 
         def runs() -> list[tuple[str, str]]:
@@ -277,6 +429,12 @@ def run_fencing_scenario(url: str, workdir: Path, *, fencing: bool) -> FencingFi
         wait_until(lambda: ("1", "start") in runs(), 30.0, progress, every=0.005)
         late.signal_family(signal.SIGSTOP)  # the worker and its runner, mid-task
         paused_at = time.monotonic()
+        wait_until(
+            lambda: set(late.family_states()) == {"T"},
+            5.0,
+            lambda: f"not all paused: {late.family_states()}",
+        )
+        paused = len(late.family_states())
         other = cluster.worker("other").start()
         wait_until(lambda: ("2", "start") in runs(), 30.0, progress)
         time.sleep(max(0.0, paused_at + 2 * lease - time.monotonic()))
@@ -289,8 +447,11 @@ def run_fencing_scenario(url: str, workdir: Path, *, fencing: bool) -> FencingFi
         late_log, other_log = late.text(), other.text()
 
     with connect(url) as conn:
-        attempts = query(conn, "SELECT token, worker_id, outcome FROM attempts WHERE task_id = ? "
-                         "ORDER BY token", (task_id,))  # fmt: skip
+        attempts = query(
+            conn,
+            "SELECT token, worker_id, outcome FROM attempts WHERE task_id = ? ORDER BY token",
+            (task_id,),
+        )
         ((state,),) = query(conn, "SELECT state FROM tasks WHERE id = ?", (task_id,))
     late_accepted, late_refused = _stopped_counts(late_log)
     other_accepted, _ = _stopped_counts(other_log)
@@ -304,6 +465,7 @@ def run_fencing_scenario(url: str, workdir: Path, *, fencing: bool) -> FencingFi
         late_refused=late_refused,
         other_accepted=other_accepted,
         paused_for=paused_for,
+        paused=paused,
     )
     print(f"\n[fencing={fencing}] {figures.summary()}")
     return figures
@@ -329,7 +491,7 @@ BOTH_RAN = [("1", "start"), ("2", "start"), ("1", "done"), ("2", "done")]
 def test_late_result_of_a_paused_worker_is_refused(fenced: FencingFigures) -> None:
     f = fenced
     assert f.runs == BOTH_RAN, f.summary()
-    assert f.paused_for >= 2.0, f.summary()
+    assert f.paused_for >= 2.0 and f.paused == 2, f.summary()
     assert f.state == "succeeded", f.summary()
     assert f.late_refusal_logged, f.summary()
     assert (f.late_accepted, f.late_refused, f.other_accepted) == (0, 1, 1), f.summary()

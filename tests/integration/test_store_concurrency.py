@@ -78,9 +78,9 @@ def test_only_one_planner_leads(opener: Opener) -> None:
 def test_sqlite_leadership_lapses_after_its_ttl(sqlite_url: str) -> None:
     for open_ in _opener(sqlite_url):
         first, second = open_(), open_()
-        assert first.try_lead("a", 0.1)
-        assert not second.try_lead("b", 0.1)
-        time.sleep(0.15)  # a leader that stops renewing loses the lead
+        assert first.try_lead("a", 0.3)
+        assert not second.try_lead("b", 0.3)
+        time.sleep(0.35)  # a leader that stops renewing loses the lead
         assert second.try_lead("b", 5.0)
         assert not first.try_lead("a", 5.0)
 

@@ -198,7 +198,7 @@ def test_rate_limit_grants_the_burst_then_refills_by_time(opener: Opener) -> Non
 
 
 def test_circuit_breaker_opens_then_lets_one_probe_through(store: SqlStore) -> None:
-    kinds = register(store, KindSpec("flaky", breaker_threshold=2, breaker_cooldown=0.2))
+    kinds = register(store, KindSpec("flaky", breaker_threshold=2, breaker_cooldown=0.3))
     target = kinds["flaky"].target
     store.submit([NewTask("flaky") for _ in range(8)], kinds)
     assert plan(store, kinds) == 8
@@ -222,7 +222,7 @@ def test_circuit_breaker_opens_then_lets_one_probe_through(store: SqlStore) -> N
     assert report.started == 0
     assert any(target in reason for reason in report.blocked.values())
 
-    time.sleep(0.25)  # the cooldown passes: exactly one probe
+    time.sleep(0.35)  # the cooldown passes: exactly one probe
     assert plan(store, kinds) == 1
     assert store.targets()[0].breaker == "half_open"
     assert plan(store, kinds) == 0
@@ -233,7 +233,7 @@ def test_circuit_breaker_opens_then_lets_one_probe_through(store: SqlStore) -> N
     assert state.opened_at > before
     assert plan(store, kinds) == 0
 
-    time.sleep(0.25)
+    time.sleep(0.35)
     assert plan(store, kinds) == 1
     [probe] = store.claim("w1", ["flaky"], 10)
     finish(store, kinds, probe)  # the probe succeeds: closed
@@ -257,6 +257,20 @@ def test_a_breaker_of_one_target_does_not_block_another(store: SqlStore) -> None
     assert {t.kind for t in store.list_tasks(TaskFilter(state="ready"))} == {"flaky"}
 
 
+def test_grants_not_yet_claimed_are_taken_back_when_the_breaker_opens(store: SqlStore) -> None:
+    kinds = register(store, KindSpec("flaky", breaker_threshold=2, breaker_cooldown=60))
+    store.submit([NewTask("flaky") for _ in range(6)], kinds)
+    assert plan(store, kinds) == 6  # a burst, all granted before anything failed
+    first, second = store.claim("w1", ["flaky"], 2)
+    finish(store, kinds, first, ok=False)
+    assert store.count_state("leased") == 4  # one failure: the grants stand
+    finish(store, kinds, second, ok=False)
+    assert store.targets()[0].breaker == "open"
+    assert store.counts() == {"retry_wait": 2, "ready": 4}
+    assert store.claim("w1", ["flaky"], 10) == []  # the rest of the burst does not run
+    assert plan(store, kinds) == 0
+
+
 # --- adaptive concurrency ---------------------------------------------------------------------
 
 
@@ -270,34 +284,35 @@ def test_adaptive_concurrency_shrinks_on_overload_and_grows_back(store: SqlStore
 
     # The ceiling holds from the first plan on, before any result is known.
     assert plan(store, kinds) == 4
-    claims = store.claim("w1", ["api"], 10)
-    assert len(claims) == 4
+    claims = store.claim("w1", ["api"], 3)
+    assert in_flight() == 4 and len(claims) == 3
 
     finish(store, kinds, claims[0], ok=False, overloaded=True)
     [state] = store.targets()
     assert state.target == target and state.limit == pytest.approx(4 * 0.7)
     assert state.breaker == "closed"  # threshold 0: no breaker
-    assert plan(store, kinds) == 0  # 3 in flight, limit floor(2.8) = 2
+    # The grant no worker took yet is taken back: 2 running is the new limit, floor(2.8).
+    assert store.count_state("leased") == 0
+    assert plan(store, kinds) == 0
     finish(store, kinds, claims[1], ok=False, overloaded=True)
-    limit = store.targets()[0].limit
-    assert limit == pytest.approx(4 * 0.7 * 0.7)
+    assert store.targets()[0].limit == pytest.approx(4 * 0.7 * 0.7)
     finish(store, kinds, claims[2])
-    finish(store, kinds, claims[3])
     limit = store.targets()[0].limit
-    assert limit is not None and 1.96 < limit < 4
+    assert limit == pytest.approx(1.96 + 1 / 1.96)
+    assert plan(store, kinds) == 2
 
     grew = [limit]
     for _ in range(30):
-        plan(store, kinds)
-        limit = store.targets()[0].limit
-        assert limit is not None
-        assert in_flight() <= math.floor(limit)
         claims = store.claim("w1", ["api"], 10)
         for claim in claims:
             finish(store, kinds, claim)
-        grew.append(store.targets()[0].limit or 0.0)
-        if grew[-1] >= 4:
+        limit = store.targets()[0].limit
+        assert limit is not None
+        grew.append(limit)
+        if limit >= 4:
             break
+        plan(store, kinds)
+        assert in_flight() <= math.floor(limit)
     assert grew == sorted(grew)  # successes only raise it
     assert store.targets()[0].limit == 4.0  # back to the ceiling, never above it
     assert plan(store, kinds) == 4
@@ -307,7 +322,7 @@ def test_adaptive_concurrency_shrinks_on_overload_and_grows_back(store: SqlStore
 
 
 def test_a_grant_no_worker_takes_goes_back_to_ready(opener: Opener) -> None:
-    store = opener(dispatch_timeout=0.1)
+    store = opener(dispatch_timeout=0.2)
     kinds = register(store, KindSpec("job", pool="p"))
     store.set_pool("p", 1)
     [first, second] = store.submit([NewTask("job"), NewTask("job")], kinds)
@@ -315,7 +330,7 @@ def test_a_grant_no_worker_takes_goes_back_to_ready(opener: Opener) -> None:
     assert store.reap() == ReapReport()
     assert usage(store, "p") == (1, 1, 1, 0)
 
-    time.sleep(0.15)
+    time.sleep(0.25)
     assert store.reap() == ReapReport(undispatched=1)
     back = store.get(first)
     assert back.state is TaskState.READY and back.attempt == 0 and back.lease_expires_at is None
@@ -324,7 +339,7 @@ def test_a_grant_no_worker_takes_goes_back_to_ready(opener: Opener) -> None:
     assert plan(store, kinds) == 1
     [claim] = store.claim("w1", ["job"], 10)
     assert claim.attempt == 1
-    time.sleep(0.15)
+    time.sleep(0.25)
     assert store.reap() == ReapReport()  # a claimed task is not taken back by this timeout
     assert store.get(claim.task_id).state is TaskState.RUNNING
     assert claim.task_id in (first, second)

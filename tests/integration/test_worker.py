@@ -7,7 +7,9 @@ The planner ticks inside the worker's `should_stop`, in the same thread, so one 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -275,6 +277,91 @@ def test_a_runner_that_dies_is_replaced(app: Tactician, tmp_path: Path) -> None:
     assert task.state is TaskState.DEAD
     assert task.last_error is not None and "runner process died" in task.last_error
     assert app.get(after).state is TaskState.SUCCEEDED
+
+
+def test_a_runner_killed_while_idle_is_replaced(sqlite_url: str, tmp_path: Path) -> None:
+    app = make_app(sqlite_url)
+    out = tmp_path / "out.txt"
+    app.task(record)
+    first = app.submit("record", {"path": str(out), "value": "first"})
+    planner = app.planner()
+    worker = app.worker(WorkerOptions(poll_interval=0.01))
+    deadline = time.monotonic() + 8
+    later: list[str] = []
+
+    def should_stop() -> bool:
+        planner.tick()
+        runner = worker._runners[0]
+        if not later and app.get(first).state.is_final and not runner.busy:
+            os.kill(runner.process.pid, 9)  # e.g. the OOM killer, while the runner is idle
+            runner.process.join(5)
+            later.append(app.submit("record", {"path": str(out), "value": "later"}))
+        return (bool(later) and app.get(later[0]).state.is_final) or time.monotonic() > deadline
+
+    worker.run(should_stop)
+
+    assert later and app.get(later[0]).state is TaskState.SUCCEEDED
+    assert out.read_text().splitlines() == ["first:record:1", "later:record:1"]
+    app.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="store bug (reported): claim() returns rows in RETURNING order (by id on SQLite), "
+    "not in the planner's rank, so a batch runs in id order instead of the planned order",
+)
+def test_a_batch_runs_in_the_planned_order(sqlite_url: str, tmp_path: Path) -> None:
+    app = make_app(sqlite_url)
+    out = tmp_path / "order.txt"
+    app.task(mark_and_sleep)
+    ids = []
+    for hours in (3, 2, 1):  # later submissions (larger ids) are due sooner
+        payload = {"path": str(out), "value": f"due+{hours}h", "seconds": 0}
+        ids.append(app.submit("mark_and_sleep", payload, due_at=hours * 3600.0 + time.time()))
+        time.sleep(0.003)  # ids carry milliseconds: make their order certain
+
+    assert run_until(app, final(app, *ids), options=WorkerOptions(batch=3, poll_interval=0.01))
+
+    assert out.read_text().split() == ["due+1h", "due+2h", "due+3h"]
+
+
+def serve_worker(url: str, concurrency: int) -> None:
+    """A worker process of its own (forked by the test), until it is killed."""
+    app = make_app(url)
+    app.task(record)
+    app.worker(WorkerOptions(concurrency=concurrency)).run()
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        found.extend(int(c) for c in (task / "children").read_text().split())
+    return found
+
+
+def test_runners_die_with_their_worker(sqlite_url: str) -> None:
+    make_app(sqlite_url).store.close()  # migrate before the worker starts
+    worker = multiprocessing.get_context("fork").Process(target=serve_worker, args=(sqlite_url, 2))
+    worker.start()
+    assert worker.pid is not None
+    deadline = time.monotonic() + 10
+    while len(runners := children(worker.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if len(runners) < 2:
+        worker.kill()
+        worker.join(5)
+    assert len(runners) == 2
+
+    os.kill(worker.pid, signal.SIGKILL)  # the worker alone, as the OOM killer would
+    worker.join(5)
+
+    deadline = time.monotonic() + 5
+    while any(map(pid_alive, runners)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    alive = [pid for pid in runners if pid_alive(pid)]
+    for pid in alive:  # leave nothing behind, then fail
+        os.kill(pid, signal.SIGKILL)
+    assert alive == [], "runners outlived their worker"
 
 
 # --- hard timeouts ------------------------------------------------------------------------------

@@ -24,6 +24,10 @@ from tactician.run.context import TaskContext, set_current
 SEND_EVERY_S = 0.02  # results are sent at least this often while a batch runs
 SKIP_FLAGS = 2  # progress holds [job index, start (monotonic), then a skip flag per job]
 _CTX = multiprocessing.get_context("fork")
+_WORKER_ENDS: set[Connection] = set()
+"""This process's ends of its runners' pipes. A forked runner inherits copies of them all and
+closes them first: holding one, it would never see EOF when its worker dies, and live on (and
+keep the worker's other inherited handles, such as the store's write lock, alive with it)."""
 
 
 class Job(NamedTuple):
@@ -45,6 +49,9 @@ ExecutorFactory = Callable[[], Any]  # returns an object with .run(kind, payload
 
 
 def _runner_main(conn: Connection, progress: Any, make_executors: ExecutorFactory) -> None:
+    for worker_end in _WORKER_ENDS:
+        worker_end.close()
+    _WORKER_ENDS.clear()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when runners stop
     os.setpgid(0, 0)  # a group of its own: a kill also reaches the commands it started
     executors = make_executors()
@@ -121,6 +128,7 @@ class Runner:
 
     def _spawn(self) -> None:
         self.conn, child = _CTX.Pipe()
+        _WORKER_ENDS.add(self.conn)
         self.progress: Any = _CTX.RawArray("d", SKIP_FLAGS + self._batch_size)
         self.process = _CTX.Process(
             target=_runner_main, args=(child, self.progress, self._make_executors), daemon=True
@@ -137,7 +145,13 @@ class Runner:
         self.done = set()
         for slot in range(len(self.progress)):
             self.progress[slot] = 0.0
-        self.conn.send(batch)
+        try:
+            self.conn.send(batch)
+        except OSError:  # it died while idle (the OOM killer, an operator): replace it
+            self.process.join(5)
+            self._close_conn()
+            self._spawn()
+            self.conn.send(batch)
 
     def collect(self) -> list[RawResult]:
         """Results that arrived; the batch ends when the runner says so."""
@@ -204,7 +218,7 @@ class Runner:
         running = self.current()
         self._kill()
         self.process.join(5)
-        self.conn.close()
+        self._close_conn()
         now = time.time()
         if victim is None:  # died on its own: blame the job it was running
             victim = running[0] if running else None
@@ -255,7 +269,11 @@ class Runner:
         if self.process.is_alive():
             self._kill()
             self.process.join(2)
+        self._close_conn()
+
+    def _close_conn(self) -> None:
         self.conn.close()
+        _WORKER_ENDS.discard(self.conn)
 
 
 def _cancelled(job: Job, reason: str) -> RawResult:

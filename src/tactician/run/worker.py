@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 
 from tactician.domain import Claim, KindSpec, Result
-from tactician.run.executors import Executors, Handler
+from tactician.run.executors import Executors, Handler, preload
 from tactician.run.runner import CANCEL_MARK, TIMEOUT_MARK, Job, RawResult, Runner
 from tactician.store.protocol import Finish, Store
 
@@ -70,6 +70,7 @@ class Worker:
 
     def run(self, should_stop: Callable[[], bool] = lambda: False) -> None:
         """Work until should_stop() is true; then finish what is in hand and return."""
+        preload(self.kinds.values())
         self._runners = [
             Runner(self._make_executors, self.options.batch)
             for _ in range(self.options.concurrency)

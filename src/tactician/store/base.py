@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict
@@ -658,10 +659,13 @@ class SqlStore:
                 "lease_token = lease_token + 1, attempt = attempt + 1, started_at = ?, "
                 "lease_expires_at = ? WHERE id IN (SELECT id FROM tasks WHERE state = 'leased' "
                 f"AND {clause} ORDER BY rank, id LIMIT {int(limit)}{self._skip_locked()}) "
-                "RETURNING id, kind, payload, lease_token, attempt",
+                "RETURNING id, kind, payload, lease_token, attempt, rank",
                 [worker_id, now, now + self.settings.lease_seconds, *params],
             )
-            return list(map(Claim._make, cur.fetchall()))
+            rows = cur.fetchall()
+        # RETURNING keeps no order: hand the batch over in the planner's order.
+        rows.sort(key=lambda row: (row[5], row[0]))
+        return [Claim._make(row[:5]) for row in rows]
 
     def heartbeat(self, worker_id: str) -> HeartbeatReply:
         """Extend this worker's leases; say which it still holds and which to cancel."""
@@ -709,10 +713,14 @@ class SqlStore:
                 if not f.result.ok and self._record_failure(cur, f, now, fenced):
                     accepted.add((f.result.task_id, f.result.token))
             outcomes = [f for f in finishes if (f.result.task_id, f.result.token) in accepted]
+            # A conflict only comes from a late result accepted without fencing: what the
+            # worker reports replaces the reaper's 'lost'.
             cur.executemany(
                 "INSERT INTO attempts (task_id, attempt, token, worker_id, started_at, "
                 "finished_at, outcome, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT DO NOTHING",
+                "ON CONFLICT (task_id, token) DO UPDATE SET worker_id = excluded.worker_id, "
+                "finished_at = excluded.finished_at, outcome = excluded.outcome, "
+                "error = excluded.error",
                 [
                     (
                         f.result.task_id,
@@ -783,6 +791,11 @@ class SqlStore:
                 f.result.ok and k.max_concurrency is None for k, f in items
             ):
                 continue  # healthy and not adaptive: successes change nothing
+            ceiling = min(
+                (float(k.max_concurrency) for k, _ in items if k.max_concurrency is not None),
+                default=math.inf,
+            )
+            limit_before = ceiling if state.limit is None else state.limit
             for kind, f in items:
                 state = after_result(
                     state,
@@ -802,6 +815,14 @@ class SqlStore:
                 "latency_floor = excluded.latency_floor",
                 dataclasses.astuple(state),
             )
+            if state.breaker == "open" or (state.limit is not None and state.limit < limit_before):
+                # Take back the grants no worker has claimed yet: the planner grants them again
+                # within the new limits, so a burst granted before the failures cannot all run.
+                cur.execute(
+                    "UPDATE tasks SET state = 'ready', lease_expires_at = NULL "
+                    "WHERE state = 'leased' AND target = ?",
+                    (target,),
+                )
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

@@ -6,6 +6,7 @@ import fcntl
 import os
 import sqlite3
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,18 @@ from tactician.settings import Settings
 from tactician.store.base import Cursor, SqlStore
 
 BUSY_TIMEOUT_S = 30.0
+_LOCKING_STORES: weakref.WeakSet[SqliteStore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a worker's runner) shares the open file description of each store's
+    lock file, and flock belongs to that description: a child that kept it would hold its
+    parent's write lock after the parent died inside a transaction. Take a new one."""
+    for store in list(_LOCKING_STORES):
+        store._reopen_lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def sqlite_path(url: str) -> str:
@@ -34,9 +47,12 @@ class SqliteStore(SqlStore):
             raise StoreUnavailable(f"cannot open {url}: folder {Path(path).parent} does not exist")
         # Writers queue on an flock of their own: the kernel wakes the next one the moment the
         # lock is free, where SQLite's busy handler would sleep 1-100 ms between retries.
+        self._lock_path = f"{path}-lock"
         self._lock_fd = (
-            os.open(f"{path}-lock", os.O_RDWR | os.O_CREAT, 0o644) if path != ":memory:" else None
+            os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644) if path != ":memory:" else None
         )
+        if self._lock_fd is not None:
+            _LOCKING_STORES.add(self)
         try:
             self.conn = sqlite3.connect(
                 path, isolation_level=None, timeout=BUSY_TIMEOUT_S, check_same_thread=False
@@ -50,9 +66,15 @@ class SqliteStore(SqlStore):
 
     def close(self) -> None:
         self.conn.close()
+        _LOCKING_STORES.discard(self)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def _reopen_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the parent's lock, if it holds one, stays the parent's
+            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
 
     def _migrate(self) -> None:
         with self._tx() as cur:
