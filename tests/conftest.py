@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import pytest
 
 PG_ADMIN_URL = os.environ.get("TACTICIAN_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-TEMPLATE = "tactician_test_template"
+# One template per pytest session, so that two sessions on one server do not collide.
+TEMPLATE = f"tactician_tpl_{uuid.uuid4().hex[:10]}"
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
@@ -30,13 +31,12 @@ def _unavailable(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def pg_template() -> str:
-    """A migrated template database, made once per session."""
+def pg_template() -> Iterator[str]:
+    """A migrated template database, made once per session and dropped after it."""
     try:
         import psycopg
 
         with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
             conn.execute(f"CREATE DATABASE {TEMPLATE}")
     except Exception as exc:  # any failure to reach the server means: no PostgreSQL here
         _unavailable(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
@@ -44,7 +44,9 @@ def pg_template() -> str:
     from tactician.store.postgres import PostgresStore
 
     PostgresStore(_pg_url(TEMPLATE), Settings()).close()
-    return TEMPLATE
+    yield TEMPLATE
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ Each run gets a fresh database ``bench_procrastinate`` (created with the schema 
 before the workers start, dropped afterwards). Workers use Procrastinate's defaults
 otherwise: LISTEN/NOTIFY for new jobs, finished jobs kept in the table. The no-op task is
 ``async`` (the same INCR through redis.asyncio), so it runs on the worker's event loop
-rather than in a thread. Enqueue: ``Task.batch_defer`` in batches of 1000 (one INSERT each).
+rather than in a thread. Enqueue: ``Task.batch_defer`` in batches of 1000 (one query each).
 After the run the driver also checks that the job table holds N succeeded no-op jobs.
 """
 

@@ -262,20 +262,6 @@ def test_kill_9_check_sees_re_execution_on_postgres(pg_url: str, tmp_path: Path)
 # The OOM killer, or `kill -9 <pid>`, takes the worker process and leaves its runners be.
 
 
-RUNNERS_OUTLIVE_THEIR_WORKER = (
-    "run/runner.py: a runner never learns that its worker died. It is forked holding a copy of "
-    "the worker's end of its own pipe (and of every older runner's), so conn.recv() never sees "
-    "EOF, and since it now calls os.setpgid(0, 0) a kill of the worker's process group does not "
-    "reach it either: it lives on forever"
-)
-RUNNERS_HOLD_THE_STORE_LOCK = (
-    "store/sqlite.py + run/runner.py: runners are forked after the store is opened and keep the "
-    "open file description of '<db>-lock'; flock belongs to that description, so when a worker "
-    "dies inside a transaction its runners keep the write lock and every other process of the "
-    "deployment blocks on it (the run stalls; seen in the crash test as 'no progress')"
-)
-
-
 def lock_holders(lock_file: Path) -> set[int]:
     """Pids that took a flock on this file, from /proc/locks (waiters are marked '->')."""
     inode = str(lock_file.stat().st_ino)
@@ -301,8 +287,9 @@ def lock_is_free(lock_file: Path) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=RUNNERS_OUTLIVE_THEIR_WORKER)
 def test_runners_die_with_their_worker(sqlite_url: str, tmp_path: Path) -> None:
+    """A runner must notice its worker is gone (it once held a copy of the worker's end of its
+    own pipe, so it never saw EOF, and in a group of its own it outlived a group kill)."""
     with Cluster(sqlite_url, tmp_path) as cluster:
         worker = cluster.worker("worker", concurrency=2).start()
         wait_until(lambda: len(worker.descendants()) == 2, 30.0, worker.tail)
@@ -315,10 +302,12 @@ def test_runners_die_with_their_worker(sqlite_url: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=RUNNERS_HOLD_THE_STORE_LOCK)
 def test_kill_9_of_a_worker_inside_a_transaction_blocks_nothing(
     sqlite_url: str, tmp_path: Path
 ) -> None:
+    """Runners are forked from a worker that has the store open. flock belongs to the open file
+    description, so a runner that kept the worker's '<db>-lock' description would keep the
+    write lock of a worker killed inside a transaction, and every process would block on it."""
     tasks = 2000
     submit(
         sqlite_url,
@@ -508,11 +497,7 @@ def test_without_fencing_the_late_result_is_accepted(unfenced: FencingFigures) -
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="store bug: finish() inserts the attempt with ON CONFLICT DO NOTHING, so a late "
-    "result the store accepts is not recorded when the reaper already wrote a 'lost' row for "
-    "the same (task_id, token); the attempts table cannot show the double success",
-)
 def test_without_fencing_the_attempts_table_shows_two_successes(unfenced: FencingFigures) -> None:
+    """The attempts table must see the fault too (it once kept the reaper's 'lost' row and
+    dropped the late success: ON CONFLICT DO NOTHING)."""
     assert unfenced.succeeded_attempts == 2, unfenced.summary()

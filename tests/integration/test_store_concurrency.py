@@ -6,6 +6,9 @@ forced: a second connection holds a row lock while the store's transaction runs 
 
 from __future__ import annotations
 
+import fcntl
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -177,6 +180,59 @@ def test_concurrent_planners_never_over_commit_a_pool(opener: Opener) -> None:
         started = sum(pool.map(plan, range(len(planners))))
     assert started == 3
     assert planners[0].count_state("leased") == 3
+
+
+def _lock_is_free(lock_file: str) -> bool:
+    fd = os.open(lock_file, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    finally:
+        os.close(fd)
+
+
+def test_a_forked_child_does_not_keep_a_dead_parents_write_lock(sqlite_url: str) -> None:
+    """A worker forks a runner, then dies inside a transaction: the SQLite write lock is free."""
+    open_store(sqlite_url).close()  # migrated
+    lock_file = sqlite_url.removeprefix("sqlite:///") + "-lock"
+    read_end, write_end = os.pipe()
+    worker = os.fork()
+    if worker == 0:  # the worker: never returns into pytest
+        try:
+            store = open_store(sqlite_url)
+            transaction = store._tx()
+            transaction.__enter__()  # holds the write lock from here on
+            assert not _lock_is_free(lock_file)
+            runner = os.fork()
+            if runner == 0:
+                time.sleep(30)  # a runner that outlives its worker
+                os._exit(0)
+            os.write(write_end, str(runner).encode())
+        finally:
+            os._exit(0)  # killed inside the transaction
+    os.close(write_end)
+    runner = int(os.read(read_end, 32) or b"0")
+    os.close(read_end)
+    os.waitpid(worker, 0)
+    try:
+        assert runner and os.kill(runner, 0) is None  # the runner lives on
+        deadline = time.monotonic() + 2.0
+        while not _lock_is_free(lock_file):
+            assert time.monotonic() < deadline, "the dead worker's runner holds the write lock"
+            time.sleep(0.01)
+        store = open_store(sqlite_url)
+        try:
+            store.register_kinds([JOB])
+            assert store.submit([NewTask("job")], store.kinds())
+        finally:
+            store.close()
+    finally:
+        if runner:
+            os.kill(runner, signal.SIGKILL)
 
 
 # --- forced races on PostgreSQL ---------------------------------------------------------------

@@ -233,7 +233,7 @@ class SqlStore:
             now = self._now(cur)
             # Sorted: ids of one batch share their millisecond, and the random rest would
             # otherwise run the batch out of order among tasks of equal deadline.
-            ids = sorted(new_ids(len(tasks), now))
+            ids = new_ids(len(tasks), now)  # increasing: batch order is submission order
             keyed: dict[str, int] = {}
             rows = []
             deps: list[tuple[str, str]] = []

@@ -1,0 +1,16 @@
+from tactician.ids import new_id, new_ids
+
+
+def test_ids_increase_within_a_millisecond_and_across_batches() -> None:
+    ids = new_ids(1000, 1_700_000_000.0001) + new_ids(10, 1_700_000_000.0002)
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 for i in ids)
+
+
+def test_ids_sort_by_time_and_survive_a_clock_step_back() -> None:
+    early, late = new_id(1_800_000_000.0), new_id(1_800_000_001.0)
+    assert early < late
+    stepped_back = new_id(1_799_999_000.0)  # the clock jumped back: still after the newest
+    assert stepped_back > late
+    assert int(late[:12], 16) == 1_800_000_001_000
