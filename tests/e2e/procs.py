@@ -97,6 +97,20 @@ class Proc:
         self.signal_family(signal.SIGKILL)
         self._reap(10.0)
 
+    def aim(self) -> Callable[[], None]:
+        """A kill, prepared: the groups of the process and its runners are found now, so that
+        the kill itself is a few syscalls and lands within microseconds of being called."""
+        assert self.popen is not None, f"{self.name} is not running"
+        family = self.descendants()
+        groups = [self.popen.pid, *(g for g in map(_group_of, family) if g in family)]
+
+        def fire() -> None:
+            for group in groups:
+                _signal_group(group, signal.SIGKILL)
+            self.kill()  # and whatever the prepared list missed
+
+        return fire
+
     def kill_only_the_process(self) -> None:
         """SIGKILL the process alone, as the OOM killer would; its children are left be."""
         assert self.popen is not None, f"{self.name} is not running"

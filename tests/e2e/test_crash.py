@@ -156,16 +156,19 @@ def run_crash_scenario(
                 proc = rng.choice([w for w in pool if w.uptime() >= 1.0])
             done = finished()
             mark = ""
+            kill = proc.kill
             if victim == "aimed":
+                kill = proc.aim()
                 runners = {str(pid) for pid in proc.descendants()}
                 try:
                     wait_until(
-                        partial(in_handler, cluster.effects, runners), 10.0, progress, every=0.0005
+                        partial(in_handler, cluster.effects, runners), 10.0, progress, every=0.0002
                     )
                     mark = "*"
                 except AssertionError:  # a starved worker on a loaded machine: kill it anyway
                     mark = "?"
-            proc.restart()
+            kill()
+            proc.start()
             kill_log.append(f"{proc.name}@{done}{mark}")
         wait_for_progress(finished, tasks, progress)
         seconds = time.monotonic() - began
@@ -205,7 +208,7 @@ def run_crash_scenario(
 def in_handler(effects: Path, runners: set[str]) -> bool:
     """Is one of these runner processes inside a handler (its last line a 'start')?"""
     last: dict[str, str] = {}
-    for line in last_effects(effects):
+    for line in last_effects(effects, 1024):
         if len(line) >= 4 and line[3] in runners:
             last[line[3]] = line[0]
     return "start" in last.values()
@@ -219,6 +222,9 @@ def assert_survived(f: CrashFigures) -> None:
     # Tighter, by design: with --batch 1 a killed worker leaves at most one task executed but
     # unrecorded, and a killed planner none.
     assert f.duplicates <= f.worker_kills, f"a planner kill re-executed work: {f.summary()}"
+    # Only killed workers lose leases (at most one claim each): a live worker never does.
+    assert f.attempts.get("lost", 0) <= f.worker_kills, f"a live worker lost a lease: {f.summary()}"
+    assert f.refused == 0, f"a live worker's result was refused: {f.summary()}"
 
 
 def without_protection(url: str, workdir: Path, workers: int) -> CrashFigures:

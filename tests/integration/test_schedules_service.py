@@ -154,7 +154,7 @@ def test_two_planners_on_postgres_create_one_task_per_tick(pg_url: str) -> None:
     assert len(set(keys)) == len(keys) == 25
 
     # Through PlannerService, only one of two planners leads and fires.
-    first.store.advance_schedule(NAME, first.store.db_now(), None)
+    first.store.delete_schedule(NAME)  # only the live schedule fires from here on
     save(services[0], name="live", every=1.0, overlap="allow_all", last_tick=None)
     planners = [first.planner(), second.planner()]
     reports = []
@@ -266,6 +266,24 @@ def test_overlap_cancel_running(app: Tactician, service: ScheduleService) -> Non
     assert running.state is TaskState.RUNNING and running.cancel_requested
     assert third.state is TaskState.READY
     assert third.release_at == T0 + 30
+
+
+def test_cancel_running_tolerates_a_run_that_just_finished(
+    app: Tactician, service: ScheduleService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save(service, overlap="cancel_running")
+    service.fire_due(T0 + 10)
+    assert len(scheduled(app)) == 1
+    cancel = app.store.cancel
+
+    def finish_first_then_cancel(task_id: str) -> Task:
+        cancel(task_id)  # it reaches a final state between the listing and this cancel
+        return cancel(task_id)  # -> Conflict: already cancelled
+
+    monkeypatch.setattr(app.store, "cancel", finish_first_then_cancel)
+    assert service.fire_due(T0 + 20) == 1
+    assert ticks(app) == [T0 + 10, T0 + 20]
+    assert row(app).last_tick == T0 + 20
 
 
 # --- catch-up, backfill, time zones ------------------------------------------------------------

@@ -305,11 +305,6 @@ def test_a_runner_killed_while_idle_is_replaced(sqlite_url: str, tmp_path: Path)
     app.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store bug (reported): claim() returns rows in RETURNING order (by id on SQLite), "
-    "not in the planner's rank, so a batch runs in id order instead of the planned order",
-)
 def test_a_batch_runs_in_the_planned_order(sqlite_url: str, tmp_path: Path) -> None:
     app = make_app(sqlite_url)
     out = tmp_path / "order.txt"

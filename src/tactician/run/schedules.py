@@ -6,6 +6,7 @@ one task even when two planners fire it (on PostgreSQL, during a failover).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Mapping
@@ -83,7 +84,8 @@ class ScheduleService:
                 continue
             if action == "cancel_running_then_start":
                 for task_id in unfinished:
-                    self.store.cancel(task_id)
+                    with contextlib.suppress(Conflict):  # it finished since it was listed
+                        self.store.cancel(task_id)
             self._start(spec, tick, kinds)
             fired += 1
         if due.skipped:
