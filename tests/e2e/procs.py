@@ -231,8 +231,10 @@ class Cluster:
         self.effects.touch()
         self.log_dir = workdir / "logs"
         self.log_dir.mkdir(exist_ok=True)
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("TACTICIAN_")}
         self.env = {
-            **os.environ,
+            **inherited,  # the scenario alone sets Tactician's settings
+            "TACTICIAN_LOG_LEVEL": "INFO",  # the tests read the workers' logs
             "PYTHONUNBUFFERED": "1",
             "E2E_EFFECTS": str(self.effects),
             **(env or {}),

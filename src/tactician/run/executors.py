@@ -57,7 +57,9 @@ class Executors:
         try:
             self._signatures[kind_name].bind(**payload)
         except TypeError as exc:
-            raise HandlerError(f"payload does not fit {kind_name}: {exc}", retryable=False) from None
+            raise HandlerError(
+                f"payload does not fit {kind_name}: {exc}", retryable=False
+            ) from None
         result = handler(**payload)
         # Any awaitable, not only from an `async def`: an object with an async __call__ or a
         # partial of a coroutine function returns one too, and it must run, not be dropped.

@@ -8,6 +8,7 @@ too). Results go back in chunks. A killed runner is replaced and the rest of its
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -113,7 +114,17 @@ def _failure(
     message = f"{type(exc).__name__}: {exc}"
     trace = traceback.format_exc(limit=30)
     duration = time.monotonic() - started_mono
-    return (job.task_id, job.token, False, started_at, duration, message, trace, retryable, overloaded)
+    return (
+        job.task_id,
+        job.token,
+        False,
+        started_at,
+        duration,
+        message,
+        trace,
+        retryable,
+        overloaded,
+    )
 
 
 class Runner:
@@ -261,10 +272,8 @@ class Runner:
         return results
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # already gone: nothing to tell it
             self.conn.send(None)
-        except OSError:
-            pass
         self.process.join(2)
         if self.process.is_alive():
             self._kill()
@@ -277,8 +286,17 @@ class Runner:
 
 
 def _cancelled(job: Job, reason: str) -> RawResult:
-    return (job.task_id, job.token, False, time.time(), 0.0, f"cancelled: {reason}", None, False,
-            False)
+    return (
+        job.task_id,
+        job.token,
+        False,
+        time.time(),
+        0.0,
+        f"cancelled: {reason}",
+        None,
+        False,
+        False,
+    )
 
 
 CANCEL_MARK = "cancelled: "

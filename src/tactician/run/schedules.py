@@ -76,8 +76,9 @@ class ScheduleService:
             unfinished = self.store.schedule_unfinished(spec.name)
             action = overlap_action(spec.overlap, len(unfinished), int(buffered is not None))
             if action == "skip":
-                log.info("schedule %s: tick %.0f skipped (previous run unfinished)", spec.name,
-                         tick)
+                log.info(
+                    "schedule %s: tick %.0f skipped (previous run unfinished)", spec.name, tick
+                )
                 continue
             if action == "buffer":
                 buffered = tick
@@ -89,8 +90,11 @@ class ScheduleService:
             self._start(spec, tick, kinds)
             fired += 1
         if due.skipped:
-            log.warning("schedule %s: %d ticks older than the catch-up window were skipped",
-                        spec.name, due.skipped)
+            log.warning(
+                "schedule %s: %d ticks older than the catch-up window were skipped",
+                spec.name,
+                due.skipped,
+            )
         if due.last_tick != row.last_tick or buffered != row.buffered_tick:
             self.store.advance_schedule(spec.name, due.last_tick, buffered)
         return fired

@@ -96,8 +96,9 @@ class Worker:
         finally:
             for runner in self._runners:
                 runner.stop()
-            log.info("worker %s stopped: %d finished, %d refused", self.id, self.finished,
-                     self.refused)
+            log.info(
+                "worker %s stopped: %d finished, %d refused", self.id, self.finished, self.refused
+            )
 
     def _claim(self, kinds: list[str]) -> int:
         idle = [r for r in self._runners if not r.busy]
@@ -163,8 +164,9 @@ class Worker:
             delay = None
             if not ok and not cancelled:
                 delay = kind.retry.next_delay(claim.attempt, retryable=retryable, rng=self._rng)
-                log.warning("task %s (%s) attempt %d failed: %s", task_id, kind.name,
-                            claim.attempt, error)
+                log.warning(
+                    "task %s (%s) attempt %d failed: %s", task_id, kind.name, claim.attempt, error
+                )
             finishes.append(Finish(result, kind.name, claim.attempt, delay))
         accepted = self.store.finish(self.id, finishes, self.kinds)
         for finish, ok in zip(finishes, accepted, strict=True):
@@ -172,8 +174,11 @@ class Worker:
                 self.finished += 1
             else:
                 self.refused += 1
-                log.warning("result for task %s refused: lease token %d is stale (fencing)",
-                            finish.result.task_id, finish.result.token)
+                log.warning(
+                    "result for task %s refused: lease token %d is stale (fencing)",
+                    finish.result.task_id,
+                    finish.result.token,
+                )
 
     def _heartbeat(self) -> None:
         reply = self.store.heartbeat(self.id)
@@ -183,5 +188,3 @@ class Worker:
         for task_id in reply.cancel:
             for runner in self._runners:
                 self._report(runner.kill_job(task_id, "cancelled by an operator"))
-
-
