@@ -87,9 +87,8 @@ class Worker:
                 stopping = should_stop()
                 if stopping and not self._claimed:
                     break
-                claimed = 0 if stopping else self._claim(kinds)
+                claimed = self._finish_and_claim(self._collect(), [] if stopping else kinds)
                 self._wait(claimed)
-                self._report(self._collect())
                 if time.monotonic() >= next_beat:
                     self._heartbeat()
                     next_beat = time.monotonic() + self.heartbeat_every
@@ -100,14 +99,19 @@ class Worker:
                 "worker %s stopped: %d finished, %d refused", self.id, self.finished, self.refused
             )
 
-    def _claim(self, kinds: list[str]) -> int:
-        idle = [r for r in self._runners if not r.busy]
-        if not idle:
+    def _finish_and_claim(self, raw: list[RawResult], kinds: list[str]) -> int:
+        """Report results and take new work for idle runners in one transaction."""
+        finishes = self._finishes(raw)
+        idle = [r for r in self._runners if not r.busy] if kinds else []
+        size = self.options.batch
+        if not finishes and not idle:
             return 0
-        claims = self.store.claim(self.id, kinds, len(idle) * self.options.batch)
+        accepted, claims = self.store.finish_and_claim(
+            self.id, finishes, self.kinds, kinds, len(idle) * size
+        )
+        self._count(finishes, accepted)
         for claim in claims:
             self._claimed[claim.task_id] = claim
-        size = self.options.batch
         for i, runner in enumerate(idle):
             part = claims[i * size : (i + 1) * size]
             if part:
@@ -138,8 +142,12 @@ class Worker:
         return results
 
     def _report(self, raw: list[RawResult]) -> None:
-        if not raw:
-            return
+        finishes = self._finishes(raw)
+        if finishes:
+            self._count(finishes, self.store.finish(self.id, finishes, self.kinds))
+
+    def _finishes(self, raw: list[RawResult]) -> list[Finish]:
+        """Results as the store records them, each with its retry decision."""
         finishes = []
         for task_id, token, ok, started_at, duration, error, trace, retryable, overloaded in raw:
             claim = self._claimed.pop(task_id, None)
@@ -168,7 +176,9 @@ class Worker:
                     "task %s (%s) attempt %d failed: %s", task_id, kind.name, claim.attempt, error
                 )
             finishes.append(Finish(result, kind.name, claim.attempt, delay))
-        accepted = self.store.finish(self.id, finishes, self.kinds)
+        return finishes
+
+    def _count(self, finishes: list[Finish], accepted: list[bool]) -> None:
         for finish, ok in zip(finishes, accepted, strict=True):
             if ok:
                 self.finished += 1

@@ -503,11 +503,14 @@ class SqlStore:
             plan = planner(candidates, view, now, room)
             if plan.starts:
                 expires = now + self.settings.dispatch_timeout
-                cur.executemany(
-                    "UPDATE tasks SET state = 'leased', rank = ?, lease_expires_at = ? "
-                    "WHERE id = ? AND state = 'ready'",
-                    [(c.rank, expires, c.id) for c in plan.starts],
-                )
+                for chunk in _chunks(plan.starts, 2000):  # one statement per chunk
+                    values = ", ".join(["(?, ?)"] * len(chunk))
+                    cur.execute(
+                        f"WITH v (id, rank) AS (VALUES {values}) UPDATE tasks SET "
+                        "state = 'leased', rank = v.rank, lease_expires_at = ? "
+                        "FROM v WHERE tasks.id = v.id AND tasks.state = 'ready'",
+                        [*(x for c in chunk for x in (c.id, c.rank)), expires],
+                    )
                 probes = {c.target for c in plan.starts} & {
                     t for t, s in targets.items() if s.breaker == "open"
                 }
@@ -652,17 +655,36 @@ class SqlStore:
     def claim(self, worker_id: str, kinds: Sequence[str], limit: int) -> list[Claim]:
         """Take up to `limit` granted tasks of these kinds; each gets a new fencing token."""
         with self._tx() as cur:
+            return self._claim(cur, self._now(cur), worker_id, kinds, limit)
+
+    def finish_and_claim(
+        self,
+        worker_id: str,
+        finishes: Sequence[Finish],
+        kinds: Mapping[str, KindSpec],
+        claim_kinds: Sequence[str],
+        limit: int,
+    ) -> tuple[list[bool], list[Claim]]:
+        """`finish` then `claim` in one transaction: a worker's loop costs one commit."""
+        with self._tx() as cur:
             now = self._now(cur)
-            clause, params = self._in("kind", list(kinds))
-            cur.execute(
-                "UPDATE tasks SET state = 'running', worker_id = ?, "
-                "lease_token = lease_token + 1, attempt = attempt + 1, started_at = ?, "
-                "lease_expires_at = ? WHERE id IN (SELECT id FROM tasks WHERE state = 'leased' "
-                f"AND {clause} ORDER BY rank, id LIMIT {int(limit)}{self._skip_locked()}) "
-                "RETURNING id, kind, payload, lease_token, attempt, rank",
-                [worker_id, now, now + self.settings.lease_seconds, *params],
-            )
-            rows = cur.fetchall()
+            accepted = self._finish(cur, now, worker_id, finishes, kinds) if finishes else []
+            claims = self._claim(cur, now, worker_id, claim_kinds, limit) if limit > 0 else []
+            return accepted, claims
+
+    def _claim(
+        self, cur: Cursor, now: float, worker_id: str, kinds: Sequence[str], limit: int
+    ) -> list[Claim]:
+        clause, params = self._in("kind", list(kinds))
+        cur.execute(
+            "UPDATE tasks SET state = 'running', worker_id = ?, "
+            "lease_token = lease_token + 1, attempt = attempt + 1, started_at = ?, "
+            "lease_expires_at = ? WHERE id IN (SELECT id FROM tasks WHERE state = 'leased' "
+            f"AND {clause} ORDER BY rank, id LIMIT {int(limit)}{self._skip_locked()}) "
+            "RETURNING id, kind, payload, lease_token, attempt, rank",
+            [worker_id, now, now + self.settings.lease_seconds, *params],
+        )
+        rows = cur.fetchall()
         # RETURNING keeps no order: hand the batch over in the planner's order.
         rows.sort(key=lambda row: (row[5], row[0]))
         return [Claim._make(row[:5]) for row in rows]
@@ -692,52 +714,61 @@ class SqlStore:
         """Record results. A result whose lease token is stale is refused (fencing)."""
         if not finishes:
             return []
+        with self._tx() as cur:
+            return self._finish(cur, self._now(cur), worker_id, finishes, kinds)
+
+    def _finish(
+        self,
+        cur: Cursor,
+        now: float,
+        worker_id: str,
+        finishes: Sequence[Finish],
+        kinds: Mapping[str, KindSpec],
+    ) -> list[bool]:
         fenced = self.settings.fencing
         guard = " AND tasks.lease_token = v.token AND tasks.state = 'running'" if fenced else ""
-        with self._tx() as cur:
-            now = self._now(cur)
-            accepted: set[tuple[str, int]] = set()
-            wins = [f.result for f in finishes if f.result.ok]
-            for chunk in _chunks(wins, 400):
-                values = ", ".join(["(?, ?)"] * len(chunk))
-                cur.execute(
-                    f"WITH v (id, token) AS (VALUES {values}) UPDATE tasks SET "
-                    "state = 'succeeded', finished_at = ?, lease_expires_at = NULL, "
-                    "last_error = NULL, last_traceback = NULL "
-                    f"FROM v WHERE tasks.id = v.id{guard} RETURNING tasks.id",
-                    [*(x for r in chunk for x in (r.task_id, r.token)), now],
-                )
-                ok_ids = {row[0] for row in cur.fetchall()}
-                accepted.update((r.task_id, r.token) for r in chunk if r.task_id in ok_ids)
-            for f in finishes:
-                if not f.result.ok and self._record_failure(cur, f, now, fenced):
-                    accepted.add((f.result.task_id, f.result.token))
-            outcomes = [f for f in finishes if (f.result.task_id, f.result.token) in accepted]
-            # A conflict only comes from a late result accepted without fencing: what the
-            # worker reports replaces the reaper's 'lost'.
-            cur.executemany(
-                "INSERT INTO attempts (task_id, attempt, token, worker_id, started_at, "
-                "finished_at, outcome, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (task_id, token) DO UPDATE SET worker_id = excluded.worker_id, "
-                "finished_at = excluded.finished_at, outcome = excluded.outcome, "
-                "error = excluded.error",
-                [
-                    (
-                        f.result.task_id,
-                        f.attempt,
-                        f.result.token,
-                        worker_id,
-                        f.result.started_at,
-                        now,
-                        _outcome(f.result),
-                        f.result.error,
-                    )
-                    for f in outcomes
-                ],
+        accepted: set[tuple[str, int]] = set()
+        wins = [f.result for f in finishes if f.result.ok]
+        for chunk in _chunks(wins, 400):
+            values = ", ".join(["(?, ?)"] * len(chunk))
+            cur.execute(
+                f"WITH v (id, token) AS (VALUES {values}) UPDATE tasks SET "
+                "state = 'succeeded', finished_at = ?, lease_expires_at = NULL, "
+                "last_error = NULL, last_traceback = NULL "
+                f"FROM v WHERE tasks.id = v.id{guard} RETURNING tasks.id",
+                [*(x for r in chunk for x in (r.task_id, r.token)), now],
             )
-            self._update_targets(cur, outcomes, kinds, now)
-            if any(not f.result.ok for f in outcomes):
-                self._after_submit(cur)
+            ok_ids = {row[0] for row in cur.fetchall()}
+            accepted.update((r.task_id, r.token) for r in chunk if r.task_id in ok_ids)
+        for f in finishes:
+            if not f.result.ok and self._record_failure(cur, f, now, fenced):
+                accepted.add((f.result.task_id, f.result.token))
+        outcomes = [f for f in finishes if (f.result.task_id, f.result.token) in accepted]
+        # A conflict only comes from a late result accepted without fencing: what the
+        # worker reports replaces the reaper's 'lost'.
+        cur.executemany(
+            "INSERT INTO attempts (task_id, attempt, token, worker_id, started_at, "
+            "finished_at, outcome, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (task_id, token) DO UPDATE SET worker_id = excluded.worker_id, "
+            "finished_at = excluded.finished_at, outcome = excluded.outcome, "
+            "error = excluded.error",
+            [
+                (
+                    f.result.task_id,
+                    f.attempt,
+                    f.result.token,
+                    worker_id,
+                    f.result.started_at,
+                    now,
+                    _outcome(f.result),
+                    f.result.error,
+                )
+                for f in outcomes
+            ],
+        )
+        self._update_targets(cur, outcomes, kinds, now)
+        if any(not f.result.ok for f in outcomes):
+            self._after_submit(cur)
         return [(f.result.task_id, f.result.token) in accepted for f in finishes]
 
     def _record_failure(self, cur: Cursor, finish: Finish, now: float, fenced: bool) -> bool:

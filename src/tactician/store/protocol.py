@@ -144,6 +144,15 @@ class Store(Protocol):
 
     def claim(self, worker_id: str, kinds: Sequence[str], limit: int) -> list[Claim]: ...
 
+    def finish_and_claim(
+        self,
+        worker_id: str,
+        finishes: Sequence[Finish],
+        kinds: Mapping[str, KindSpec],
+        claim_kinds: Sequence[str],
+        limit: int,
+    ) -> tuple[list[bool], list[Claim]]: ...
+
     def heartbeat(self, worker_id: str) -> HeartbeatReply: ...
 
     def finish(
