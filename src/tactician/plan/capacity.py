@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from tactician.plan.flow import Bucket, take
+from tactician.plan.flow import Bucket, refill, take
 
 
 class Candidate(NamedTuple):
@@ -53,6 +53,8 @@ class Plan:
     """Token buckets that changed, to be saved with the starts."""
     blocked: dict[str, str]
     """Why some tasks did not start: task id → reason (only the first few per reason)."""
+    wake_in: float | None = None
+    """Seconds until a rate-limited task could start: plan again then, not a poll later."""
 
 
 def plan_starts(
@@ -67,6 +69,7 @@ def plan_starts(
     busy = view.busy_keys
     in_flight = view.target_in_flight
     allowed = view.target_allowed
+    wake_in: float | None = None
     for task in candidates:
         if len(starts) >= limit:
             break
@@ -88,6 +91,11 @@ def plan_starts(
             taken = take(bucket, limits.rate_per_second, limits.rate_burst, now)
             if taken is None:
                 _note(blocked, task.id, f"rate limit of {task.kind}")
+                missing = (
+                    1.0 - refill(bucket, limits.rate_per_second, limits.rate_burst, now).tokens
+                )
+                wait = max(0.0, missing / limits.rate_per_second)
+                wake_in = wait if wake_in is None else min(wake_in, wait)
                 continue
             view.buckets[key] = changed[key] = taken
         used[task.pool] = used.get(task.pool, 0) + task.units
@@ -95,7 +103,7 @@ def plan_starts(
             busy.add(task.concurrency_key)
         in_flight[task.target] = in_flight.get(task.target, 0) + 1
         starts.append(task)
-    return Plan(starts, changed, blocked)
+    return Plan(starts, changed, blocked, wake_in)
 
 
 def _note(blocked: dict[str, str], task_id: str, reason: str) -> None:

@@ -36,6 +36,7 @@ class TickReport:
     reaped: int = 0
     started: int = 0
     fired: int = 0
+    wake_in: float | None = None  # a rate-limited task can start this many seconds from now
 
 
 TickHook = Callable[[float], int]
@@ -100,9 +101,10 @@ class PlannerService:
         while True:
             plan = self.store.plan(self.planner, kinds)
             started += plan.started
+            wake_in = plan.wake_in
             if plan.started < max(1, min(plan.considered, self.settings.plan_batch) // 2):
                 break
-        return TickReport(True, promoted, reaped, started, fired)
+        return TickReport(True, promoted, reaped, started, fired, wake_in)
 
     def run(self, should_stop: Callable[[], bool] = lambda: False) -> None:
         listen = getattr(self.store, "listen", None)
@@ -124,7 +126,8 @@ class PlannerService:
                 elif report.started or report.promoted or report.reaped or report.fired:
                     idle_wait = MIN_IDLE_WAIT_S
                 else:
-                    self.store.wait_for_work(idle_wait)
+                    wait = idle_wait if report.wake_in is None else min(idle_wait, report.wake_in)
+                    self.store.wait_for_work(wait)
                     idle_wait = min(self.settings.poll_interval, idle_wait * 2)
         finally:
             if self._leading:

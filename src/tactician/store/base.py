@@ -525,7 +525,7 @@ class SqlStore:
                     "updated_at = excluded.updated_at",
                     [(k, b.tokens, b.updated_at) for k, b in plan.buckets.items()],
                 )
-        return PlanReport(len(candidates), len(plan.starts), plan.blocked)
+        return PlanReport(len(candidates), len(plan.starts), plan.blocked, plan.wake_in)
 
     def _capacity_view(
         self, cur: Cursor, candidates: list[Candidate], kinds: Mapping[str, KindSpec], now: float

@@ -48,6 +48,7 @@ class PlanReport:
     considered: int = 0
     started: int = 0
     blocked: Mapping[str, str] = field(default_factory=dict)
+    wake_in: float | None = None  # when a rate-limited task could start
 
 
 @dataclass(frozen=True)
