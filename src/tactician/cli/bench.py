@@ -12,6 +12,7 @@ import os
 import statistics
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,19 +43,50 @@ class RunFigures:
     e2e_s: float
 
 
-def _reset(db: str) -> None:
-    if db.startswith("sqlite:///"):
-        path = Path(db.removeprefix("sqlite:///"))
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-        return
-    import psycopg
+class BenchDatabase:
+    """A database of the benchmark's own, never one that holds anything else.
 
-    with psycopg.connect(db, autocommit=True) as conn:
-        conn.execute(
-            "DROP TABLE IF EXISTS tasks, task_deps, attempts, kinds, pools, rate_buckets, "
-            "targets, schedules, workers, leader, schema_migrations CASCADE"
-        )
+    SQLite: a file that must not exist yet. PostgreSQL: a fresh schema in the given database
+    (reached through search_path), dropped at the end; existing tables are never touched.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.given = url
+        self.schema: str | None = None
+        if url.startswith("sqlite:///"):
+            self.path = Path(url.removeprefix("sqlite:///"))
+            if self.path.exists():
+                raise InvalidInput(
+                    f"bench needs a database of its own: {self.path} exists; give a new path"
+                )
+            self.url = url
+        elif url.startswith(("postgresql://", "postgres://")):
+            self.schema = f"tactician_bench_{uuid.uuid4().hex[:10]}"
+            joiner = "&" if "?" in url else "?"
+            self.url = f"{url}{joiner}options=-csearch_path%3D{self.schema}"
+        else:
+            raise InvalidInput(f"unsupported database URL {url!r}")
+
+    def reset(self) -> None:
+        """Empty before each run: delete our file, or recreate our schema."""
+        if self.schema is None:
+            for suffix in ("", "-wal", "-shm", "-lock"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            return
+        self._sql(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE", f"CREATE SCHEMA {self.schema}")
+
+    def drop(self) -> None:
+        if self.schema is None:
+            self.reset()
+        else:
+            self._sql(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+
+    def _sql(self, *statements: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.given, autocommit=True) as conn:
+            for statement in statements:
+                conn.execute(statement.encode())  # our own identifiers, not user input
 
 
 def _worker_main(db: str, batch: int, stop: Any) -> None:
@@ -66,8 +98,9 @@ def _planner_main(db: str, stop: Any) -> None:
     bench_app(db).planner().run(stop.is_set)
 
 
-def run_once(db: str, tasks: int, workers: int, batch: int) -> RunFigures:
-    _reset(db)
+def run_once(bench_db: BenchDatabase, tasks: int, workers: int, batch: int) -> RunFigures:
+    bench_db.reset()
+    db = bench_db.url
     app = bench_app(db)
     app.store  # noqa: B018 (create the schema before the children open it)
     ctx = multiprocessing.get_context("fork")
@@ -114,7 +147,11 @@ def throughput(db: str | None, tasks: int, workers: int, runs: int, batch: int) 
         raise InvalidInput("tasks, workers, runs and batch must be >= 1")
     with tempfile.TemporaryDirectory(prefix="tactician-bench-") as tmp:
         url = db or f"sqlite:///{os.path.join(tmp, 'bench.db')}"
-        figures = [run_once(url, tasks, workers, batch) for _ in range(runs)]
+        bench_db = BenchDatabase(url)
+        try:
+            figures = [run_once(bench_db, tasks, workers, batch) for _ in range(runs)]
+        finally:
+            bench_db.drop()
     submit_s = statistics.median(f.submit_s for f in figures)
     e2e_s = statistics.median(f.e2e_s for f in figures)
     return {

@@ -18,9 +18,17 @@ from tactician.errors import StoreUnavailable
 from tactician.settings import Settings
 from tactician.store.base import INSERT_COLUMNS, Cursor, SqlStore
 
-LEADER_LOCK = 0x7AC7_1C1A  # pg_try_advisory_lock key held by the active planner
-PLAN_LOCK = 0x7AC7_1C1B  # pg_advisory_xact_lock key of every plan transaction
+# Advisory lock keys, each paired with the schema's hash: deployments in different schemas of
+# one database (a benchmark beside production, say) never wait on each other.
+LEADER_LOCK = 0x7AC7_1C1A  # held by the active planner
+PLAN_LOCK = 0x7AC7_1C1B  # taken by every plan transaction
 MIGRATE_LOCK = 0x7AC7_1C1C
+
+
+def _lock(key: int) -> str:
+    return f"{key}, hashtext(current_schema())"
+
+
 CHANNEL_PLANNER = "tactician_planner"  # something became ready
 CHANNEL_WORKERS = "tactician_workers"  # capacity was granted
 
@@ -85,7 +93,7 @@ class PostgresStore(SqlStore):
 
     def _migrate(self) -> None:
         with self._tx() as cur:
-            cur.execute(f"SELECT pg_advisory_xact_lock({MIGRATE_LOCK})")
+            cur.execute(f"SELECT pg_advisory_xact_lock({_lock(MIGRATE_LOCK)})")
             applied = self._applied_versions(cur)
             for version, script in self._migrations():
                 if version in applied:
@@ -135,7 +143,7 @@ class PostgresStore(SqlStore):
         cur.execute(f"NOTIFY {CHANNEL_PLANNER}")
 
     def _serialise_planners(self, cur: Cursor) -> None:
-        cur.execute(f"SELECT pg_advisory_xact_lock({PLAN_LOCK})")
+        cur.execute(f"SELECT pg_advisory_xact_lock({_lock(PLAN_LOCK)})")
 
     def try_lead(self, holder: str, ttl: float) -> bool:
         """Hold the leader advisory lock on a connection of its own; it dies with the process."""
@@ -143,7 +151,9 @@ class PostgresStore(SqlStore):
             self._lead_conn = _connect(self.url)
             self._leading = False
         if not self._leading:
-            row = self._lead_conn.execute(f"SELECT pg_try_advisory_lock({LEADER_LOCK})").fetchone()
+            row = self._lead_conn.execute(
+                f"SELECT pg_try_advisory_lock({_lock(LEADER_LOCK)})"
+            ).fetchone()
             self._leading = bool(row and row[0])
         if not self._leading:
             return False
@@ -168,7 +178,7 @@ class PostgresStore(SqlStore):
             return
         if self._leading:
             with suppress(psycopg.Error):  # a broken connection has lost the lock already
-                self._lead_conn.execute(f"SELECT pg_advisory_unlock({LEADER_LOCK})")
+                self._lead_conn.execute(f"SELECT pg_advisory_unlock({_lock(LEADER_LOCK)})")
         self._lead_conn.close()
         self._lead_conn = None
         self._leading = False
