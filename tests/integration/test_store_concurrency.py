@@ -17,40 +17,25 @@ from typing import Any
 
 import psycopg
 import pytest
+from tests.integration.driving import Opener, stores_on
 
 from tactician.domain import Claim, KindSpec, NewTask, Result, TaskState
 from tactician.errors import Conflict
 from tactician.plan.capacity import plan_starts
-from tactician.settings import Settings
-from tactician.store.base import SqlStore
 from tactician.store.open import open_store
 from tactician.store.protocol import Finish, ReapReport, TaskFilter
 
-Opener = Callable[..., SqlStore]
 JOB = KindSpec("job")
-
-
-def _opener(url: str) -> Iterator[Opener]:
-    opened: list[SqlStore] = []
-
-    def open_(**changes: Any) -> SqlStore:
-        store = open_store(url, Settings(db=url, **changes))
-        opened.append(store)
-        return store
-
-    yield open_
-    for store in opened:
-        store.close()
 
 
 @pytest.fixture
 def opener(db_url: str) -> Iterator[Opener]:
-    yield from _opener(db_url)
+    yield from stores_on(db_url)
 
 
 @pytest.fixture
 def pg_opener(pg_url: str) -> Iterator[Opener]:
-    yield from _opener(pg_url)
+    yield from stores_on(pg_url)
 
 
 def ok(claim: Claim) -> Finish:
@@ -79,7 +64,7 @@ def test_only_one_planner_leads(opener: Opener) -> None:
 
 
 def test_sqlite_leadership_lapses_after_its_ttl(sqlite_url: str) -> None:
-    for open_ in _opener(sqlite_url):
+    for open_ in stores_on(sqlite_url):
         first, second = open_(), open_()
         assert first.try_lead("a", 0.3)
         assert not second.try_lead("b", 0.3)

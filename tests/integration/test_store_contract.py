@@ -9,20 +9,18 @@ several connections at once in test_store_concurrency.py.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
+from tests.integration.driving import Opener, stores_on
 
 from tactician.domain import Claim, KindSpec, NewTask, RateLimit, Result, RetryPolicy, TaskState
 from tactician.errors import Conflict, InvalidInput, NotFound, TacticianError, UnknownKind
 from tactician.plan.capacity import plan_starts
-from tactician.settings import Settings
 from tactician.store.base import SqlStore
 from tactician.store.open import open_store
 from tactician.store.protocol import Finish, ReapReport, TaskFilter
 
-Opener = Callable[..., SqlStore]
 LEASE = 0.3  # seconds: short enough to let leases expire inside a test
 NOOP = KindSpec("noop")
 ONCE = KindSpec("once", retry=RetryPolicy(max_attempts=1))
@@ -30,17 +28,7 @@ ONCE = KindSpec("once", retry=RetryPolicy(max_attempts=1))
 
 @pytest.fixture
 def opener(db_url: str) -> Iterator[Opener]:
-    """Open stores on the test's database with some settings changed; all closed at the end."""
-    opened: list[SqlStore] = []
-
-    def open_(**changes: Any) -> SqlStore:
-        store = open_store(db_url, Settings(db=db_url, **changes))
-        opened.append(store)
-        return store
-
-    yield open_
-    for store in opened:
-        store.close()
+    yield from stores_on(db_url)
 
 
 @pytest.fixture

@@ -8,33 +8,20 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
+from tests.integration.driving import Opener, stores_on
 
 from tactician.domain import Claim, KindSpec, NewTask, Pool, RateLimit, Result, TaskState
 from tactician.plan.capacity import plan_starts
-from tactician.settings import Settings
 from tactician.store.base import SqlStore
-from tactician.store.open import open_store
 from tactician.store.protocol import Finish, ReapReport, TaskFilter
-
-Opener = Callable[..., SqlStore]
 
 
 @pytest.fixture
 def opener(db_url: str) -> Iterator[Opener]:
-    opened: list[SqlStore] = []
-
-    def open_(**changes: Any) -> SqlStore:
-        store = open_store(db_url, Settings(db=db_url, **changes))
-        opened.append(store)
-        return store
-
-    yield open_
-    for store in opened:
-        store.close()
+    yield from stores_on(db_url)
 
 
 @pytest.fixture

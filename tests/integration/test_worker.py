@@ -11,16 +11,15 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from tests.integration.driving import final, make_app, pid_alive, run_until
 
 from tactician.app import Tactician
 from tactician.domain import TaskState
 from tactician.run.context import current_task
 from tactician.run.worker import WorkerOptions
-from tactician.settings import Settings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -85,54 +84,6 @@ async_recorder = AsyncRecorder()
 
 
 # --- driving ---------------------------------------------------------------------------------
-
-
-def pid_alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in {"Z", "X"}
-
-
-def make_app(url: str, lease_seconds: float = 5.0) -> Tactician:
-    return Tactician(settings=Settings(db=url, lease_seconds=lease_seconds, poll_interval=0.01))
-
-
-def run_until(
-    app: Tactician,
-    done: Callable[[], bool],
-    *,
-    timeout: float = 8.0,
-    options: WorkerOptions | None = None,
-    each: Callable[[], None] | None = None,
-) -> bool:
-    """Run a worker (and tick a planner) until done() or the deadline; True if done."""
-    planner = app.planner()
-    worker = app.worker(options or WorkerOptions(poll_interval=0.01))
-    deadline = time.monotonic() + timeout
-    reached = False
-
-    def should_stop() -> bool:
-        nonlocal reached
-        if reached:
-            return True
-        if each is not None:  # before the tick: it sees each state a result left behind
-            each()
-        planner.tick()
-        reached = done()
-        return reached or time.monotonic() > deadline
-
-    try:
-        worker.run(should_stop)
-    finally:
-        app.store.resign(planner.holder)
-    return reached
-
-
-def final(app: Tactician, *task_ids: str) -> Callable[[], bool]:
-    return lambda: all(app.get(t).state.is_final for t in task_ids)
 
 
 @pytest.fixture
