@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.integration.driving import final, make_app, pid_alive, run_until
 
 from tactician.app import Tactician
 from tactician.domain import TargetState, TaskState
 from tactician.plan.flow import BACKOFF_FACTOR
+from tests.integration.driving import final, make_app, pid_alive, run_until
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,13 +17,13 @@ from typing import Any
 
 import psycopg
 import pytest
-from tests.integration.driving import Opener, stores_on
 
 from tactician.domain import Claim, KindSpec, NewTask, Result, TaskState
 from tactician.errors import Conflict
 from tactician.plan.capacity import plan_starts
 from tactician.store.open import open_store
 from tactician.store.protocol import Finish, ReapReport, TaskFilter
+from tests.integration.driving import Opener, stores_on
 
 JOB = KindSpec("job")
 

@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from tests.integration.driving import Opener, stores_on
 
 from tactician.domain import Claim, KindSpec, NewTask, RateLimit, Result, RetryPolicy, TaskState
 from tactician.errors import Conflict, InvalidInput, NotFound, TacticianError, UnknownKind
@@ -20,6 +19,7 @@ from tactician.plan.capacity import plan_starts
 from tactician.store.base import SqlStore
 from tactician.store.open import open_store
 from tactician.store.protocol import Finish, ReapReport, TaskFilter
+from tests.integration.driving import Opener, stores_on
 
 LEASE = 0.3  # seconds: short enough to let leases expire inside a test
 NOOP = KindSpec("noop")

@@ -11,12 +11,12 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from tests.integration.driving import Opener, stores_on
 
 from tactician.domain import Claim, KindSpec, NewTask, Pool, RateLimit, Result, TaskState
 from tactician.plan.capacity import plan_starts
 from tactician.store.base import SqlStore
 from tactician.store.protocol import Finish, ReapReport, TaskFilter
+from tests.integration.driving import Opener, stores_on
 
 
 @pytest.fixture

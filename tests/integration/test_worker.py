@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.integration.driving import final, make_app, pid_alive, run_until
 
 from tactician.app import Tactician
 from tactician.domain import TaskState
 from tactician.run.context import current_task
 from tactician.run.worker import WorkerOptions
+from tests.integration.driving import final, make_app, pid_alive, run_until
 
 pytestmark = pytest.mark.timeout(60)
 
