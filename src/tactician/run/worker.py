@@ -64,6 +64,7 @@ class Worker:
         self.finished = 0
         self.refused = 0
         self._idle_wait = MIN_IDLE_WAIT_S
+        self._lost: set[str] = set()
 
     def _make_executors(self) -> Executors:
         return Executors(self.kinds, self.handlers)
@@ -151,6 +152,7 @@ class Worker:
         finishes = []
         for task_id, token, ok, started_at, duration, error, trace, retryable, overloaded in raw:
             claim = self._claimed.pop(task_id, None)
+            self._lost.discard(task_id)
             if claim is None or claim.token != token:
                 continue
             kind = self.kinds[claim.kind]
@@ -193,8 +195,9 @@ class Worker:
     def _heartbeat(self) -> None:
         reply = self.store.heartbeat(self.id)
         for task_id, claim in list(self._claimed.items()):
-            if reply.held.get(task_id) != claim.token:
-                log.warning("lease on task %s lost; its result will be refused", task_id)
+            if reply.held.get(task_id) != claim.token and task_id not in self._lost:
+                self._lost.add(task_id)  # say it once, not at every heartbeat
+                log.warning("lease on task %s lost; another worker may run it", task_id)
         for task_id in reply.cancel:
             for runner in self._runners:
                 self._report(runner.kill_job(task_id, "cancelled by an operator"))
