@@ -36,6 +36,8 @@ bench_cli = typer.Typer(help="Benchmarks.", no_args_is_help=True)
 cli.add_typer(tasks_cli, name="tasks")
 cli.add_typer(schedules_cli, name="schedules")
 cli.add_typer(bench_cli, name="bench")
+workload_cli = typer.Typer(help="Simulator workloads: generate and inspect.", no_args_is_help=True)
+cli.add_typer(workload_cli, name="workload")
 
 out = Console(highlight=False)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -478,6 +480,77 @@ def bench_throughput(
         return
     for key, value in figures.items():
         out.print(f"{key:>18}  {value}")
+
+
+# --- workloads ---------------------------------------------------------------------------------
+
+CapacityOption = Annotated[
+    list[str] | None,
+    typer.Option("--capacity", help="Units of a pool, as pool=N; repeat for several pools."),
+]
+
+
+def _capacities(items: list[str] | None) -> dict[str, int] | None:
+    if not items:
+        return None
+    capacity: dict[str, int] = {}
+    for item in items:
+        pool, _, units = item.partition("=")
+        if not pool or not units.strip().isdigit() or int(units) < 1:
+            raise InvalidInput(f"--capacity must look like pool=N with N >= 1, got {item!r}")
+        capacity[pool.strip()] = int(units)
+    return capacity
+
+
+@workload_cli.command("generate")
+def workload_generate(
+    scenario: Annotated[str, typer.Option(help="logistics, incidents, campaigns or batch.")],
+    out_path: Annotated[str, typer.Option("--out", help="The JSON Lines file to write.")],
+    tasks: Annotated[int, typer.Option(min=1, help="How many tasks.")] = 1000,
+    seed: Annotated[int, typer.Option(help="The same seed gives the same tasks.")] = 0,
+    load: Annotated[float, typer.Option(help="Work demanded / capacity over the trace.")] = 1.2,
+    capacity: CapacityOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a built-in scenario's tasks; prints the capacities to simulate them with."""
+    from tactician.sim.scenarios import generate
+    from tactician.sim.workload import summarize, write_workload
+
+    generated, pools = generate(
+        scenario, tasks=tasks, seed=seed, load=load, capacity=_capacities(capacity)
+    )
+    write_workload(out_path, generated)
+    summary = summarize(generated, pools)
+    hints = " ".join(f"--capacity {pool}={units}" for pool, units in pools.items())
+    if as_json:
+        _print_json({"out": out_path, "capacity": pools, "summary": summary})
+        return
+    loads = ", ".join(f"{pool} {value}" for pool, value in summary["load"].items())
+    out.print(
+        f"wrote {len(generated)} {scenario} tasks to {out_path}: "
+        f"span {summary['span'] / 3600:.1f} h, load {loads}; simulate with {hints}",
+        soft_wrap=True,
+    )
+
+
+@workload_cli.command("inspect")
+def workload_inspect(
+    path: Annotated[str, typer.Argument(help="A workload file (JSON Lines).")],
+    capacity: CapacityOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check a workload file and summarise it: kinds, span, demand, deadlines, load."""
+    from tactician.sim.workload import read_workload, summarize
+
+    summary = summarize(read_workload(path), _capacities(capacity))
+    if as_json:
+        _print_json(summary)
+        return
+    for key, value in summary.items():
+        shown = (
+            ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
+        )
+        out.print(f"{key:>18}  {shown}")
 
 
 def _logging() -> None:
