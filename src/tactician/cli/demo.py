@@ -138,8 +138,10 @@ def _recent(app: Tactician, state: str, limit: int) -> list[Task]:
 
 
 def _table(title: str, tasks: list[Task]) -> Table:
-    table = Table("id", "kind", "state", "attempt", "due in", title=title)
-    table.add_column("payload / error", no_wrap=True, overflow="ellipsis", max_width=60)
+    table = Table(title=title)
+    for name, width in (("id", 8), ("kind", 14), ("state", 10), ("try", 3), ("due in", 6)):
+        table.add_column(name, min_width=width, no_wrap=True)
+    table.add_column("payload / error", no_wrap=True, overflow="ellipsis")
     now = time.time()
     for t in tasks:
         due = "-" if t.due_at is None else f"{t.due_at - now:+.0f}s"
