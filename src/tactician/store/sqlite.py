@@ -17,6 +17,7 @@ from tactician.settings import Settings
 from tactician.store.base import Cursor, SqlStore
 
 BUSY_TIMEOUT_S = 30.0
+SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _LOCKING_STORES: weakref.WeakSet[SqliteStore] = weakref.WeakSet()
 
 
@@ -43,6 +44,11 @@ class SqliteStore(SqlStore):
     def __init__(self, url: str, settings: Settings) -> None:
         super().__init__(url, settings)
         path = sqlite_path(url)
+        synchronous = settings.sqlite_synchronous.upper()
+        if synchronous not in SYNCHRONOUS_LEVELS:
+            raise InvalidInput(
+                f"TACTICIAN_SQLITE_SYNCHRONOUS must be one of {', '.join(SYNCHRONOUS_LEVELS)}"
+            )
         if path != ":memory:" and not Path(path).parent.exists():
             raise StoreUnavailable(f"cannot open {url}: folder {Path(path).parent} does not exist")
         # Writers queue on an flock of their own: the kernel wakes the next one the moment the
@@ -58,7 +64,7 @@ class SqliteStore(SqlStore):
                 path, isolation_level=None, timeout=BUSY_TIMEOUT_S, check_same_thread=False
             )
             self.conn.execute("PRAGMA journal_mode = WAL")
-            self.conn.execute(f"PRAGMA synchronous = {settings.sqlite_synchronous}")
+            self.conn.execute(f"PRAGMA synchronous = {synchronous}")
             self.conn.execute("PRAGMA cache_size = -65536")
             self._migrate()
         except sqlite3.Error as exc:
