@@ -306,8 +306,8 @@ class SqlStore:
         if query.state is not None:
             if query.state not in TaskState.__members__.values():
                 raise InvalidInput(f"unknown state {query.state!r}")
-            where.append("state = ?")
-            params.append(query.state)
+            # A literal (checked against the enum above), so partial indexes on state apply.
+            where.append(f"state = '{TaskState(query.state).value}'")
         for column in ("kind", "source"):
             value = getattr(query, column)
             if value is not None:
