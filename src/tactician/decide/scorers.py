@@ -16,7 +16,7 @@ import bisect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from tactician.errors import InvalidInput
 
@@ -48,6 +48,17 @@ class Scorer(Protocol):
     """True when a task's rank changes with `now`: the caller must rank again at each instant."""
 
     def rank(self, task: ScoredTask, now: float) -> float: ...
+
+
+@runtime_checkable
+class Bounded(Scorer, Protocol):
+    """A time-dependent scorer that can say how low a task's rank may ever go.
+
+    `floor(task) <= rank(task, now)` for every `now`: a caller may then rank lazily, best
+    floors first, and stop once no floor left can beat the best rank found.
+    """
+
+    def floor(self, task: ScoredTask) -> float: ...
 
 
 class _Estimates:
@@ -123,23 +134,37 @@ class Wspt:
 class Atc:
     """Apparent tardiness cost: w/p · exp(-max(0, d - p - now) / (k · p̄)), highest first.
 
-    p is the task's estimate (or its kind's median), p̄ the mean estimate seen so far and k the
-    look-ahead. A task without a deadline has an infinite slack, so an index of 0.
+    p is the task's estimate (or its kind's median when it was first ranked), p̄ the mean
+    estimate seen so far and k the look-ahead. A task without a deadline has an infinite slack,
+    so an index of 0. The index never exceeds w/p, so -w/p is the rank's floor.
     """
 
     name = "atc"
     time_dependent = True
 
-    def __init__(self, k: float = 2.0) -> None:
+    def __init__(self, k: float = 2.0, p_bar: float | None = None) -> None:
         self.k = k
+        self.p_bar = p_bar
+        """A fixed p̄; None: the mean of the estimates seen so far."""
         self._estimates = _Estimates()
+        self._p: dict[str, float] = {}
+
+    def _p_of(self, task: ScoredTask) -> float:
+        p = self._p.get(task.id)
+        if p is None:
+            p = self._p[task.id] = max(self._estimates.of(task), 1e-9)
+        return p
+
+    def floor(self, task: ScoredTask) -> float:
+        return -task.weight / self._p_of(task)
 
     def rank(self, task: ScoredTask, now: float) -> float:
-        p = max(self._estimates.of(task), 1e-9)
+        p = self._p_of(task)
         if task.due_at is None:
             return 0.0
         slack = max(0.0, task.due_at - p - now)
-        scale = self.k * max(self._estimates.mean(), 1e-9)
+        p_bar = self._estimates.mean() if self.p_bar is None else self.p_bar
+        scale = self.k * max(p_bar, 1e-9)
         return -(task.weight / p) * math.exp(-slack / scale)
 
 

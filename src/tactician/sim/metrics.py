@@ -1,0 +1,79 @@
+"""What a simulation achieved: deadlines, tardiness, waits, slowdown, makespan, utilisation.
+
+missed_deadlines       tasks with a deadline that finished after it, or never finished
+missed_pct             missed_deadlines as a percentage of the tasks that have a deadline
+weighted_tardiness     Σ weight · max(0, finish - due_at) over finished tasks with a deadline
+mean_wait_s, p95_wait  start - release_at over started tasks (p95: nearest rank)
+mean_bounded_slowdown  mean of max(1, (wait + run) / max(run, 10 s)) over finished tasks
+makespan_s             last finish - first submission
+utilization            per bounded pool: busy units · s / (capacity · makespan)
+decide_cpu_us          scheduler CPU time (ranking and planning) per planning call
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tactician.sim.simulator import SimResult
+from tactician.sim.workload import WorkloadTask
+
+SLOWDOWN_TAU = 10.0
+"""Seconds below which a run counts as this long in the bounded slowdown."""
+
+
+def _p95(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def compute_metrics(
+    tasks: Sequence[WorkloadTask], result: SimResult, capacity: Mapping[str, int]
+) -> dict[str, Any]:
+    """The figures above for one simulation of `tasks`."""
+    waits: list[float] = []
+    slowdowns: list[float] = []
+    busy: dict[str, float] = {}
+    missed = with_deadline = completed = 0
+    tardiness = 0.0
+    last_finish: float | None = None
+    for task in tasks:
+        record = result.records[task.id]
+        if task.due_at is not None:
+            with_deadline += 1
+            if record.finish is None or record.finish > task.due_at:
+                missed += 1
+            if record.finish is not None:
+                tardiness += task.weight * max(0.0, record.finish - task.due_at)
+        if record.start is None:
+            continue
+        wait = record.start - task.release_at
+        waits.append(wait)
+        if record.finish is None:
+            continue
+        completed += 1
+        run = record.finish - record.start
+        slowdowns.append(max(1.0, (wait + run) / max(run, SLOWDOWN_TAU)))
+        last_finish = record.finish if last_finish is None else max(last_finish, record.finish)
+        for pool, units in task.resources.items():
+            busy[pool] = busy.get(pool, 0.0) + units * run
+    first_submit = min((t.submit_at for t in tasks), default=0.0)
+    makespan = 0.0 if last_finish is None else last_finish - first_submit
+    return {
+        "tasks": len(tasks),
+        "completed": completed,
+        "missed_deadlines": missed,
+        "missed_pct": round(100.0 * missed / with_deadline, 3) if with_deadline else 0.0,
+        "weighted_tardiness": round(tardiness, 3),
+        "mean_wait_s": round(sum(waits) / len(waits), 3) if waits else 0.0,
+        "p95_wait_s": round(_p95(waits), 3) if waits else 0.0,
+        "mean_bounded_slowdown": round(sum(slowdowns) / len(slowdowns), 4) if slowdowns else 0.0,
+        "makespan_s": round(makespan, 3),
+        "utilization": {
+            pool: round(busy.get(pool, 0.0) / (units * makespan), 4) if makespan > 0 else 0.0
+            for pool, units in sorted(capacity.items())
+        },
+        "decide_cpu_us": round(result.decide_cpu_us, 3),
+        "planning_calls": result.planning_calls,
+    }
