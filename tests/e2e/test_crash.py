@@ -7,7 +7,6 @@ see the fault it guards against.
 
 from __future__ import annotations
 
-import fcntl
 import math
 import os
 import random
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tactician.domain import NewTask
+from tests.integration.driving import lock_is_free
 
 from .crash_app import build
 from .procs import (
@@ -277,19 +277,6 @@ def lock_holders(lock_file: Path) -> set[int]:
         if len(f) >= 6 and f[1] == "FLOCK" and f[5].rsplit(":", 1)[-1] == inode:
             holders.add(int(f[4]))
     return holders
-
-
-def lock_is_free(lock_file: Path) -> bool:
-    fd = os.open(lock_file, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return True
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.slow

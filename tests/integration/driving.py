@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,6 +69,20 @@ def run_until(
 
 def final(app: Tactician, *task_ids: str) -> Callable[[], bool]:
     return lambda: all(app.get(t).state.is_final for t in task_ids)
+
+
+def lock_is_free(lock_file: str | Path) -> bool:
+    """True when nobody holds the flock on this file (the SQLite store's write lock)."""
+    fd = os.open(lock_file, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    finally:
+        os.close(fd)
 
 
 def pid_alive(pid: int) -> bool:

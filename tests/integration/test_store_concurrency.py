@@ -6,7 +6,6 @@ forced: a second connection holds a row lock while the store's transaction runs 
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import threading
@@ -23,7 +22,7 @@ from tactician.errors import Conflict
 from tactician.plan.capacity import plan_starts
 from tactician.store.open import open_store
 from tactician.store.protocol import Finish, ReapReport, TaskFilter
-from tests.integration.driving import Opener, stores_on
+from tests.integration.driving import Opener, lock_is_free, stores_on
 
 JOB = KindSpec("job")
 
@@ -167,19 +166,6 @@ def test_concurrent_planners_never_over_commit_a_pool(opener: Opener) -> None:
     assert planners[0].count_state("leased") == 3
 
 
-def _lock_is_free(lock_file: str) -> bool:
-    fd = os.open(lock_file, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return True
-    finally:
-        os.close(fd)
-
-
 def test_a_forked_child_does_not_keep_a_dead_parents_write_lock(sqlite_url: str) -> None:
     """A worker forks a runner, then dies inside a transaction: the SQLite write lock is free."""
     open_store(sqlite_url).close()  # migrated
@@ -191,7 +177,7 @@ def test_a_forked_child_does_not_keep_a_dead_parents_write_lock(sqlite_url: str)
             store = open_store(sqlite_url)
             transaction = store._tx()
             transaction.__enter__()  # holds the write lock from here on
-            assert not _lock_is_free(lock_file)
+            assert not lock_is_free(lock_file)
             runner = os.fork()
             if runner == 0:
                 time.sleep(30)  # a runner that outlives its worker
@@ -206,7 +192,7 @@ def test_a_forked_child_does_not_keep_a_dead_parents_write_lock(sqlite_url: str)
     try:
         assert runner and os.kill(runner, 0) is None  # the runner lives on
         deadline = time.monotonic() + 2.0
-        while not _lock_is_free(lock_file):
+        while not lock_is_free(lock_file):
             assert time.monotonic() < deadline, "the dead worker's runner holds the write lock"
             time.sleep(0.01)
         store = open_store(sqlite_url)

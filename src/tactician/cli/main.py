@@ -103,6 +103,17 @@ def _time(text: str | None, name: str) -> float | None:
     return when.timestamp()
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """A payload from the command line: a JSON object, or a one-line error."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"payload is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("payload must be a JSON object")
+    return data
+
+
 def _print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, default=str, sort_keys=True) + "\n")
 
@@ -185,12 +196,7 @@ def submit(
     as_json: JsonOption = False,
 ) -> None:
     """Submit one task; prints its id."""
-    try:
-        data = json.loads(payload)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"payload is not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidInput("payload must be a JSON object")
+    data = _json_object(payload)
     due, release = _time(due_at, "due-at"), _time(release_at, "release-at")
     the_app = _open(db, app)
     task_id = the_app.submit(
@@ -357,10 +363,7 @@ def schedules_add(
     from tactician.plan.schedules import ScheduleSpec, parse_every
     from tactician.run.schedules import ScheduleService
 
-    try:
-        data = json.loads(payload)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"payload is not JSON: {exc}") from None
+    data = _json_object(payload)
     spec = ScheduleSpec(
         name=name,
         kind=kind,
