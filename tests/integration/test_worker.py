@@ -275,6 +275,7 @@ def serve_worker(url: str, concurrency: int) -> None:
     """A worker process of its own (forked by the test), until it is killed."""
     app = make_app(url)
     app.task(record)
+    app.task(sleep_for)
     app.worker(WorkerOptions(concurrency=concurrency)).run()
 
 
@@ -308,6 +309,40 @@ def test_runners_die_with_their_worker(sqlite_url: str) -> None:
     for pid in alive:  # leave nothing behind, then fail
         os.kill(pid, signal.SIGKILL)
     assert alive == [], "runners outlived their worker"
+
+
+def test_a_busy_runner_dies_with_its_worker(sqlite_url: str, tmp_path: Path) -> None:
+    app = make_app(sqlite_url)
+    app.task(record)
+    app.task(sleep_for)
+    pid_file = tmp_path / "sleep.pid"
+    app.submit("sleep_for", {"pid_file": str(pid_file), "seconds": 60})
+    planner = app.planner()
+    worker = multiprocessing.get_context("fork").Process(target=serve_worker, args=(sqlite_url, 1))
+    worker.start()
+    assert worker.pid is not None
+    deadline = time.monotonic() + 10
+    while not pid_file.exists() and time.monotonic() < deadline:
+        planner.tick()
+        time.sleep(0.05)
+    app.store.resign(planner.holder)
+    if not pid_file.exists():
+        worker.kill()
+        worker.join(5)
+    runner = int(pid_file.read_text())  # the handler runs in the runner process
+    assert pid_alive(runner)
+
+    os.kill(worker.pid, signal.SIGKILL)  # mid-handler: the runner must not run on alone
+    worker.join(5)
+
+    deadline = time.monotonic() + 5
+    while pid_alive(runner) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    alive = pid_alive(runner)
+    if alive:
+        os.kill(runner, signal.SIGKILL)
+    app.close()
+    assert not alive, "a runner busy in a handler outlived its worker"
 
 
 # --- hard timeouts ------------------------------------------------------------------------------

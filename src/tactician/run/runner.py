@@ -9,10 +9,12 @@ too). Results go back in chunks. A killed runner is replaced and the rest of its
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from typing import Any, NamedTuple
 from tactician.errors import HandlerError, TargetOverloaded
 from tactician.run.context import TaskContext, set_current
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
 SEND_EVERY_S = 0.02  # results are sent at least this often while a batch runs
 SKIP_FLAGS = 2  # progress holds [job index, start (monotonic), then a skip flag per job]
 _CTX = multiprocessing.get_context("fork")
@@ -49,7 +52,21 @@ RawResult = tuple[str, int, bool, float, float, str | None, str | None, bool, bo
 ExecutorFactory = Callable[[], Any]  # returns an object with .run(kind, payload, timeout)
 
 
-def _runner_main(conn: Connection, progress: Any, make_executors: ExecutorFactory) -> None:
+def _die_with_worker(worker_pid: int) -> None:
+    """On Linux the kernel SIGKILLs this runner when its worker dies, even in the middle of a
+    long handler: the task's lease will expire and another worker runs it, so an orphan that
+    went on would only run it twice at once."""
+    if not sys.platform.startswith("linux"):
+        return  # elsewhere the runner notices between jobs, when its pipe reaches EOF
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) == 0 and os.getppid() != worker_pid:
+        os._exit(0)  # the worker died before the request took effect
+
+
+def _runner_main(
+    conn: Connection, progress: Any, make_executors: ExecutorFactory, worker_pid: int
+) -> None:
+    _die_with_worker(worker_pid)
     for worker_end in _WORKER_ENDS:
         worker_end.close()
     _WORKER_ENDS.clear()
@@ -142,7 +159,9 @@ class Runner:
         _WORKER_ENDS.add(self.conn)
         self.progress: Any = _CTX.RawArray("d", SKIP_FLAGS + self._batch_size)
         self.process = _CTX.Process(
-            target=_runner_main, args=(child, self.progress, self._make_executors), daemon=True
+            target=_runner_main,
+            args=(child, self.progress, self._make_executors, os.getpid()),
+            daemon=True,
         )
         self.process.start()
         child.close()
