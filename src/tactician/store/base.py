@@ -666,11 +666,19 @@ class SqlStore:
         limit: int,
     ) -> tuple[list[bool], list[Claim]]:
         """`finish` then `claim` in one transaction: a worker's loop costs one commit."""
+        if not finishes and not self._has_granted(claim_kinds):
+            return [], []  # an idle poll reads (no write lock, no commit) and goes back to wait
         with self._tx() as cur:
             now = self._now(cur)
             accepted = self._finish(cur, now, worker_id, finishes, kinds) if finishes else []
             claims = self._claim(cur, now, worker_id, claim_kinds, limit) if limit > 0 else []
             return accepted, claims
+
+    def _has_granted(self, kinds: Sequence[str]) -> bool:
+        clause, params = self._in("kind", list(kinds))
+        with self._read() as cur:
+            cur.execute(f"SELECT 1 FROM tasks WHERE state = 'leased' AND {clause} LIMIT 1", params)
+            return cur.fetchone() is not None
 
     def _claim(
         self, cur: Cursor, now: float, worker_id: str, kinds: Sequence[str], limit: int
