@@ -1,98 +1,90 @@
-"""The classic baselines as one-method scorers: fifo, edf, wspt, atc.
+"""Scorers: one interface from the classic rules to the learned index.
 
-A scorer ranks one ready task at a time; a lower rank starts first. Scorers are pure: they see
-only what a scheduler may know (a `ScoredTask`), never a task's true run time. Some remember the
-estimates they have seen, to stand in for tasks that come without one.
+A scorer ranks many waiting tasks at once: `rank(request)` returns one number per row, lower
+starts first. Scorers see a `Backlog` (what a scheduler may know), never a true run time.
 
-    fifo  submission order
-    edf   earliest deadline first; tasks without a deadline last
-    wspt  weighted shortest processing time: estimate / weight, smallest first
-    atc   apparent tardiness cost (Vepsalainen & Morton): highest index first
+    fifo     submission order
+    edf      earliest deadline first; tasks without a deadline last
+    wspt     weighted shortest processing time: duration / weight (Smith's rule)
+    atc      apparent tardiness cost (Vepsalainen & Morton), highest index first
+    learned  predicted durations and lateness risk (see `Learned`)
+
+Without a model a task's duration is its estimate, else its kind's recent median, else
+`DEFAULT_ESTIMATE`. `explain` breaks a row's rank into factors, the way Slurm's `sprio` does.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+import numpy.typing as npt
+
+from tactician.decide.decision import Reason
+from tactician.decide.features import Array, Backlog
 from tactician.errors import InvalidInput
 
 DEFAULT_ESTIMATE = 60.0
-"""Seconds assumed for a task without an estimate when nothing of its kind has been seen."""
+"""Seconds assumed for a task without an estimate when nothing of its kind has finished."""
+Rows = npt.NDArray[np.int64]
 
 
-@dataclass(frozen=True, slots=True)
-class ScoredTask:
-    """What a scheduler may know of a ready task: never its true run time."""
+@dataclass(frozen=True)
+class PoolView:
+    """A pool at the instant of ranking."""
 
-    id: str
-    kind: str
-    seq: int
-    """Submission order: 0 for the first task submitted."""
-    submit_at: float
-    release_at: float
-    due_at: float | None = None
-    weight: float = 1.0
-    estimate: float | None = None
-    units: int = 1
+    capacity: int | None
+    busy_units: int = 0
+    busy_work: float = 0.0
+    """Units x expected seconds left of the tasks running in it."""
+
+
+@dataclass(frozen=True)
+class RankRequest:
+    """One ranking: some rows of a backlog at one instant."""
+
+    backlog: Backlog
+    rows: Rows
+    now: float
+    pools: Mapping[int, PoolView] = field(default_factory=dict)
+    """Pool code (the backlog's vocabulary) → its view; missing: unbounded."""
 
 
 class Scorer(Protocol):
-    """Ranks a ready task at time `now`; lower ranks start first."""
+    """Ranks waiting tasks; lower ranks start first."""
 
     name: str
     time_dependent: bool
     """True when a task's rank changes with `now`: the caller must rank again at each instant."""
 
-    def rank(self, task: ScoredTask, now: float) -> float: ...
+    def rank(self, request: RankRequest) -> Array: ...
+
+    def explain(self, request: RankRequest) -> list[Reason]:
+        """Why the first row of `request` ranks as it does, factor by factor."""
+        ...
 
 
 @runtime_checkable
-class Bounded(Scorer, Protocol):
-    """A time-dependent scorer that can say how low a task's rank may ever go.
+class Learner(Protocol):
+    """A scorer that learns from outcomes as they arrive."""
 
-    `floor(task) <= rank(task, now)` for every `now`: a caller may then rank lazily, best
-    floors first, and stop once no floor left can beat the best rank found.
-    """
+    def observe(
+        self,
+        backlog: Backlog,
+        row: int,
+        duration: float,
+        *,
+        failed: bool,
+        started_at: float,
+        finished_at: float,
+    ) -> None: ...
 
-    def floor(self, task: ScoredTask) -> float: ...
 
-
-class _Estimates:
-    """Estimates seen so far: each kind's median and the mean of all, for tasks without one."""
-
-    def __init__(self) -> None:
-        self._seen: set[str] = set()
-        self._by_kind: dict[str, list[float]] = {}
-        self._total = 0.0
-        self._count = 0
-
-    def note(self, task: ScoredTask) -> None:
-        if task.estimate is None or task.id in self._seen:
-            return
-        self._seen.add(task.id)
-        bisect.insort(self._by_kind.setdefault(task.kind, []), task.estimate)
-        self._total += task.estimate
-        self._count += 1
-
-    def of(self, task: ScoredTask) -> float:
-        """The task's estimate, else its kind's median so far, else DEFAULT_ESTIMATE."""
-        self.note(task)
-        if task.estimate is not None:
-            return task.estimate
-        values = self._by_kind.get(task.kind)
-        if not values:
-            return DEFAULT_ESTIMATE
-        middle = len(values) // 2
-        if len(values) % 2:
-            return values[middle]
-        return (values[middle - 1] + values[middle]) / 2
-
-    def mean(self) -> float:
-        return self._total / self._count if self._count else DEFAULT_ESTIMATE
+def durations(backlog: Backlog, rows: Rows) -> Array:
+    """The duration the classic rules assume: estimate, else kind median, else the default."""
+    return backlog.fallback_duration(rows, DEFAULT_ESTIMATE)
 
 
 class Fifo:
@@ -101,8 +93,12 @@ class Fifo:
     name = "fifo"
     time_dependent = False
 
-    def rank(self, task: ScoredTask, now: float) -> float:
-        return float(task.seq)
+    def rank(self, request: RankRequest) -> Array:
+        return request.backlog.seq[request.rows].copy()
+
+    def explain(self, request: RankRequest) -> list[Reason]:
+        seq = int(request.backlog.seq[request.rows[0]])
+        return [Reason("order", 1.0, f"submitted {seq + 1}th")]
 
 
 class Edf:
@@ -111,62 +107,82 @@ class Edf:
     name = "edf"
     time_dependent = False
 
-    def rank(self, task: ScoredTask, now: float) -> float:
-        return math.inf if task.due_at is None else task.due_at
+    def rank(self, request: RankRequest) -> Array:
+        due = request.backlog.due[request.rows]
+        return np.where(np.isnan(due), np.inf, due)
+
+    def explain(self, request: RankRequest) -> list[Reason]:
+        due = float(request.backlog.due[request.rows[0]])
+        if np.isnan(due):
+            return [Reason("deadline", 0.0, "no deadline: after every task that has one")]
+        return [Reason("deadline", 1.0, f"due in {_span(due - request.now)}")]
 
 
 class Wspt:
-    """Smallest estimate / weight first (Smith's rule: optimal for weighted completion)."""
+    """Smallest duration / weight first (Smith's rule: optimal for weighted completion)."""
 
     name = "wspt"
     time_dependent = False
 
-    def __init__(self) -> None:
-        self._estimates = _Estimates()
+    def rank(self, request: RankRequest) -> Array:
+        weight = request.backlog.weight[request.rows]
+        index = durations(request.backlog, request.rows) / np.maximum(weight, 1e-9)
+        return np.where(weight <= 0, np.inf, index)
 
-    def rank(self, task: ScoredTask, now: float) -> float:
-        estimate = self._estimates.of(task)
-        if task.weight <= 0:
-            return math.inf
-        return estimate / task.weight
+    def explain(self, request: RankRequest) -> list[Reason]:
+        row = request.rows[:1]
+        p = float(durations(request.backlog, row)[0])
+        w = float(request.backlog.weight[row][0])
+        return [Reason("wspt", 1.0, f"expected run {_span(p)}, weight {w:g}")]
 
 
 class Atc:
     """Apparent tardiness cost: w/p · exp(-max(0, d - p - now) / (k · p̄)), highest first.
 
-    p is the task's estimate (or its kind's median when it was first ranked), p̄ the mean
-    estimate seen so far and k the look-ahead. A task without a deadline has an infinite slack,
-    so an index of 0. The index never exceeds w/p, so -w/p is the rank's floor.
+    p̄ is the mean duration of the rows ranked together and k the look-ahead. A task without a
+    deadline has an infinite slack, so an index of 0.
     """
 
     name = "atc"
     time_dependent = True
 
-    def __init__(self, k: float = 2.0, p_bar: float | None = None) -> None:
+    def __init__(self, k: float = 2.0) -> None:
         self.k = k
-        self.p_bar = p_bar
-        """A fixed p̄; None: the mean of the estimates seen so far."""
-        self._estimates = _Estimates()
-        self._p: dict[str, float] = {}
 
-    def _p_of(self, task: ScoredTask) -> float:
-        p = self._p.get(task.id)
-        if p is None:
-            p = self._p[task.id] = max(self._estimates.of(task), 1e-9)
-        return p
+    def _parts(self, request: RankRequest) -> tuple[Array, Array, Array]:
+        backlog, rows = request.backlog, request.rows
+        p = np.maximum(durations(backlog, rows), 1e-9)
+        slack = np.maximum(0.0, backlog.due[rows] - p - request.now)
+        scale = self.k * max(float(p.mean()) if len(p) else 1.0, 1e-9)
+        urgency = np.where(np.isnan(slack), 0.0, np.exp(-np.nan_to_num(slack) / scale))
+        return backlog.weight[rows] / p, urgency, slack
 
-    def floor(self, task: ScoredTask) -> float:
-        return -task.weight / self._p_of(task)
+    def rank(self, request: RankRequest) -> Array:
+        value, urgency, _ = self._parts(request)
+        return -(value * urgency)
 
-    def rank(self, task: ScoredTask, now: float) -> float:
-        p = self._p_of(task)
-        if task.due_at is None:
-            return 0.0
-        slack = max(0.0, task.due_at - p - now)
-        p_bar = self._estimates.mean() if self.p_bar is None else self.p_bar
-        scale = self.k * max(p_bar, 1e-9)
-        return -(task.weight / p) * math.exp(-slack / scale)
+    def explain(self, request: RankRequest) -> list[Reason]:
+        value, urgency, slack = self._parts(request)
+        texts = [Reason("value_rate", float(value[0]), f"weight per second {value[0]:.3g}")]
+        if np.isnan(slack[0]):
+            texts.append(Reason("urgency", 0.0, "no deadline"))
+        else:
+            texts.append(Reason("urgency", float(urgency[0]), f"slack {_span(float(slack[0]))}"))
+        return texts
 
+
+def _span(seconds: float) -> str:
+    """12 s, 4 min, 2.5 h: a duration for a reason's text."""
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    if seconds < 120:
+        return f"{sign}{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{sign}{seconds / 60:.0f} min"
+    return f"{sign}{seconds / 3600:.1f} h"
+
+
+span_text = _span
 
 SCORERS: dict[str, Callable[[], Scorer]] = {
     "fifo": Fifo,
@@ -174,6 +190,10 @@ SCORERS: dict[str, Callable[[], Scorer]] = {
     "wspt": Wspt,
     "atc": Atc,
 }
+
+
+def register(name: str, factory: Callable[[], Scorer]) -> None:
+    SCORERS[name] = factory
 
 
 def get_scorer(name: str) -> Scorer:

@@ -4,10 +4,16 @@ A pure function over a snapshot. The planner never over-commits a pool, never st
 with the same concurrency key, keeps each kind's rate limit and each target's breaker and
 adaptive limit. A task that cannot start now is skipped; later tasks may still fit (a small
 task may pass a large one, as backfilling does in HPC schedulers).
+
+With `reserve` (EASY backfilling), the first task of a pool that does not fit gets a
+reservation: the time at which the running tasks' expected ends free enough units for it (the
+shadow time). A later task of that pool may then start only if it is expected to end by the
+shadow time, or if it fits in the units the reserved task will leave spare.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -25,6 +31,8 @@ class Candidate(NamedTuple):
     concurrency_key: str | None
     target: str
     rank: float
+    expected: float | None = None
+    """Expected run time in seconds (reservations use it; None: unknown, assumed long)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,10 @@ class CapacityView:
     target_allowed: Mapping[str, int | None] = field(default_factory=dict)
     buckets: dict[str, Bucket] = field(default_factory=dict)
     kind_limits: Mapping[str, KindLimits] = field(default_factory=dict)
+    reserve: bool = False
+    """EASY backfilling: hold a reservation for the first task of a pool that does not fit."""
+    running_ends: Mapping[str, list[tuple[float, int]]] = field(default_factory=dict)
+    """Per pool: (expected end, units) of the running tasks, for reservations."""
 
 
 @dataclass(frozen=True)
@@ -70,13 +82,27 @@ def plan_starts(
     in_flight = view.target_in_flight
     allowed = view.target_allowed
     wake_in: float | None = None
+    shadows: dict[str, list[float]] = {}
+    """Per pool with a reservation: [shadow time, spare units at that time]."""
     for task in candidates:
         if len(starts) >= limit:
             break
         cap = capacity.get(task.pool)
         if cap is not None and used.get(task.pool, 0) + task.units > cap:
-            _note(blocked, task.id, f"pool {task.pool} is full")
+            if view.reserve and task.pool not in shadows:
+                shadows[task.pool] = _shadow(task, cap, view, starts, now)
+                _note(blocked, task.id, f"pool {task.pool} is full: reserved for it")
+            else:
+                _note(blocked, task.id, f"pool {task.pool} is full")
             continue
+        shadow = shadows.get(task.pool)
+        if shadow is not None:
+            expected = math.inf if task.expected is None else task.expected
+            if now + expected > shadow[0]:
+                if task.units > shadow[1]:
+                    _note(blocked, task.id, f"pool {task.pool}: would delay a reservation")
+                    continue
+                shadow[1] -= task.units
         if task.concurrency_key is not None and task.concurrency_key in busy:
             _note(blocked, task.id, f"concurrency key {task.concurrency_key} is busy")
             continue
@@ -104,6 +130,25 @@ def plan_starts(
         in_flight[task.target] = in_flight.get(task.target, 0) + 1
         starts.append(task)
     return Plan(starts, changed, blocked, wake_in)
+
+
+def _shadow(
+    head: Candidate, cap: int, view: CapacityView, starts: list[Candidate], now: float
+) -> list[float]:
+    """When enough units free up for `head`, and how many will be spare then."""
+    ends = list(view.running_ends.get(head.pool, ()))
+    ends.extend(
+        (now + (math.inf if s.expected is None else s.expected), s.units)
+        for s in starts
+        if s.pool == head.pool
+    )
+    ends.sort()
+    free = cap - view.pool_used.get(head.pool, 0)
+    for end, units in ends:
+        free += units
+        if free >= head.units:
+            return [max(end, now), float(free - head.units)]
+    return [math.inf, 0.0]
 
 
 def _note(blocked: dict[str, str], task_id: str, reason: str) -> None:

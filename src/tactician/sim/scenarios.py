@@ -29,6 +29,9 @@ class Scenario:
     capacity: dict[str, int]
     events: list[dict[str, Any]] = field(default_factory=list)
     """Things outside any task that shaped it, e.g. a storm; for reports, never for policies."""
+    calendar: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+    """Pools whose capacity changes over time (shifts): (from, capacity) change points.
+    `capacity` then holds the mean over the trace."""
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,9 @@ _SERVICES = {
 }
 _ALERTS = ("HighErrorRate", "LatencyP99", "DiskFull", "PodCrashLoop", "CertExpiry", "QueueBacklog")
 _SEVERITY_FIX = {1: 1800.0, 2: 1200.0, 3: 900.0, 4: 600.0}  # median seconds to fix
-_SEVERITY_DEADLINE = {1: 900.0, 2: HOUR, 3: 4 * HOUR, 4: 24 * HOUR}
+_SEVERITY_DEADLINE = {1: HOUR, 2: 2 * HOUR, 3: 4 * HOUR, 4: 24 * HOUR}  # time to resolve
+_DAY_SHARE = 1.5
+"""Engineers on call by day (08:00-20:00) relative to the mean; by night, 2 - this."""
 _SEVERITY_WEIGHT = {1: 10.0, 2: 5.0, 3: 2.0, 4: 1.0}
 
 
@@ -224,14 +229,16 @@ def _incidents(
         storms.append(storm)
         made += size
     work = sum(d.duration for storm in storms for d in storm)
-    oncall = _capacity("oncall", work, load, 8 * HOUR, given)
+    oncall = _capacity("oncall", work, load, 48 * HOUR, given)
     span = work / (oncall * load)
     ids = iter(_ids("a", count))
     tasks = []
     for start, storm in zip(_positions(rng, len(storms)), storms, strict=True):
         at = start * span
-        for draft in storm:
+        for n, draft in enumerate(storm):
             submit = _t(min(span, at))
+            # What the alerting system reports: how many alerts of this fingerprint came first.
+            draft.features["repeat"] = n
             tasks.append(
                 WorkloadTask(
                     id=next(ids),
@@ -248,7 +255,16 @@ def _incidents(
                 )
             )
             at += rng.expovariate(1 / 30.0)  # duplicates fire seconds apart
-    return Scenario("incidents", tasks, {"oncall": oncall})
+    # Shifts: more engineers from 08:00 to 20:00 than at night; the trace starts at midnight.
+    day = max(1, round(oncall * _DAY_SHARE))
+    night = max(1, round(oncall * (2.0 - _DAY_SHARE)))
+    calendar: list[tuple[float, int]] = []
+    for midnight in range(0, math.ceil(span / (24 * HOUR)) + 2):
+        base = midnight * 24 * HOUR
+        calendar += [(base, night), (base + 8 * HOUR, day), (base + 20 * HOUR, night)]
+    calendar.append((calendar[-1][0] + 4 * HOUR, day))  # the backlog drains by day
+    shifts = {"event": "shifts", "pool": "oncall", "day": day, "night": night}
+    return Scenario("incidents", tasks, {"oncall": oncall}, [shifts], {"oncall": calendar})
 
 
 # --- campaigns -------------------------------------------------------------------------------
@@ -331,12 +347,17 @@ _JOBS: dict[str, tuple[float, tuple[int, ...], float]] = {
 }
 
 
+_WALLTIMES = (0.5 * HOUR, HOUR, 2 * HOUR, 4 * HOUR, 8 * HOUR, 12 * HOUR, 24 * HOUR, 48 * HOUR)
+
+
 def _batch(
     rng: random.Random, count: int, load: float, given: Mapping[str, int] | None
 ) -> Scenario:
     users = [f"u{i:02d}" for i in range(1, 31)]
-    # Users pad their requests by habit, each by their own factor.
+    # Users pad their requests by habit, each by their own factor, and some users' jobs often
+    # crash in their first minute (a bad input path, a missing module).
     padding = {user: rng.uniform(1.5, 4.0) for user in users}
+    crashes = {user: rng.choice((0.02, 0.05, 0.1, 0.3)) for user in users}
     arrays: list[list[_Draft]] = []
     made = 0
     while made < count:
@@ -351,11 +372,12 @@ def _batch(
             input_gb = round(typical_gb * rng.lognormvariate(0.0, 0.8), 1)
             ratio = max(input_gb, 0.1) / typical_gb
             duration = min(48 * HOUR, max(30.0, median * ratio**0.6 * rng.lognormvariate(0, 0.5)))
-            if rng.random() < 0.1:  # some users under-ask and their jobs overrun
-                guess = duration * rng.uniform(0.6, 1.0)
-            else:
-                guess = duration * padding[user] * rng.lognormvariate(0.0, 0.15)
-            walltime = math.ceil(guess / 900.0) * 900.0  # requests come in quarter hours
+            # The request: what the user believes such a job takes (not this job's input),
+            # padded, rounded up to one of the queue's standard wall times.
+            belief = median * padding[user] * rng.lognormvariate(0.0, 0.3)
+            walltime = next((w for w in _WALLTIMES if w >= belief), _WALLTIMES[-1])
+            if rng.random() < crashes[user]:
+                duration = rng.uniform(10.0, 90.0)
             array.append(
                 _Draft(
                     kind=job_type,

@@ -4,20 +4,29 @@ Events (arrivals at `submit_at`, releases at `release_at`, completions) sit in a
 events of one instant are applied, the ready tasks of every pool that changed are ranked by the
 scorer and handed, best first, to the same `plan_starts` the live service uses; what it starts
 runs for its true `duration`. Only the simulated executor reads `duration`: the scheduler's path
-(ranking and planning) sees a `ScoredTask`, which has no such field. No preemption.
+(the backlog, ranking, planning) sees a `ScoredTask`, which has no such field. A scorer that
+learns is told a task's duration when it finishes, as a live system records an outcome. No
+preemption.
 
-Each task holds units of one pool while it runs (no resources: nothing is held); pools missing
-from `capacity` are unbounded. A task waits until everything it depends on has finished.
+Each task holds units of one pool while it runs; pools missing from `capacity` are unbounded. A
+task waits until everything it depends on has finished. With `failure_rate`, an attempt fails
+(after a random part of its run) with that probability and the task is ready again after
+`retry_delay`; the seeded draw is the same for every policy.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
+import random
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from tactician.decide.scorers import Bounded, ScoredTask, Scorer
+import numpy as np
+
+from tactician.decide.features import Backlog, ScoredTask
+from tactician.decide.scorers import Learner, PoolView, RankRequest, Scorer, durations
 from tactician.errors import InvalidInput
 from tactician.plan.capacity import Candidate, CapacityView, plan_starts
 from tactician.sim.workload import WorkloadTask
@@ -25,7 +34,9 @@ from tactician.sim.workload import WorkloadTask
 MAX_CANDIDATES = 2000
 """Candidates handed to the planner per pool per instant, best first."""
 
-_DONE, _ARRIVE, _RELEASE, _REPLAN = 0, 1, 2, 3
+_SHIFT, _DONE, _ARRIVE, _RELEASE, _REPLAN, _FAIL, _RETRY = -1, 0, 1, 2, 3, 4, 5
+Calendar = Mapping[str, Sequence[tuple[float, int]]]
+"""Per pool: (from this time, capacity) change points, e.g. on-call shifts."""
 _NO_POOL = ""
 
 
@@ -39,6 +50,18 @@ class TaskRecord:
 
 
 @dataclass(frozen=True)
+class SimOptions:
+    max_candidates: int = MAX_CANDIDATES
+    reserve: bool = False
+    """EASY backfilling: the first task of a pool that does not fit gets a reservation at the
+    time the scorer's expected durations free enough units, and later tasks may start only if
+    they do not delay it."""
+    failure_rate: float = 0.0
+    retry_delay: float = 30.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class SimResult:
     policy: str
     records: dict[str, TaskRecord]
@@ -46,6 +69,8 @@ class SimResult:
     planning_calls: int
     decide_cpu_s: float
     """Process CPU time spent ranking and planning (the scheduler's part only)."""
+    attempts: int = 0
+    escalations: int = 0
 
     @property
     def decide_cpu_us(self) -> float:
@@ -65,6 +90,51 @@ def _pool_of(task: WorkloadTask) -> tuple[str, int]:
     return _NO_POOL, 0
 
 
+def scored(task: WorkloadTask, seq: int) -> ScoredTask:
+    """What the scheduler may know of a workload task (everything but `duration`)."""
+    pool, units = _pool_of(task)
+    return ScoredTask(
+        id=task.id,
+        kind=task.kind,
+        seq=seq,
+        submit_at=task.submit_at,
+        release_at=task.release_at,
+        due_at=task.due_at,
+        weight=task.weight,
+        estimate=task.estimate,
+        units=units,
+        pool=pool,
+        features=task.features,
+    )
+
+
+class _Waiting:
+    """The ready rows of one pool as a numpy array (swap-remove), for vectorised ranking."""
+
+    def __init__(self) -> None:
+        self.rows = np.empty(64, dtype=np.int64)
+        self.size = 0
+        self.at: dict[int, int] = {}
+
+    def add(self, row: int) -> None:
+        if self.size == len(self.rows):
+            self.rows = np.concatenate([self.rows, np.empty(self.size, dtype=np.int64)])
+        self.rows[self.size] = row
+        self.at[row] = self.size
+        self.size += 1
+
+    def remove(self, row: int) -> None:
+        index = self.at.pop(row)
+        self.size -= 1
+        last = int(self.rows[self.size])
+        if index != self.size:
+            self.rows[index] = last
+            self.at[last] = index
+
+    def view(self) -> np.ndarray:
+        return self.rows[: self.size]
+
+
 class _Run:
     """The state of one simulation."""
 
@@ -73,32 +143,18 @@ class _Run:
         tasks: Sequence[WorkloadTask],
         capacity: Mapping[str, int],
         scorer: Scorer,
-        max_candidates: int,
+        options: SimOptions,
     ) -> None:
         self.tasks = tasks
         self.capacity: dict[str, int | None] = dict(capacity)
         self.scorer = scorer
-        self.max_candidates = max_candidates
+        self.options = options
+        self.learner = scorer if isinstance(scorer, Learner) else None
         order = sorted(range(len(tasks)), key=lambda i: (tasks[i].submit_at, i))
-        seq = [0] * len(tasks)
+        self.seq = [0] * len(tasks)
         for position, i in enumerate(order):
-            seq[i] = position
-        self.seq = seq
+            self.seq[i] = position
         self.pools = [_pool_of(t) for t in tasks]
-        self.seen = [
-            ScoredTask(
-                id=t.id,
-                kind=t.kind,
-                seq=seq[i],
-                submit_at=t.submit_at,
-                release_at=t.release_at,
-                due_at=t.due_at,
-                weight=t.weight,
-                estimate=t.estimate,
-                units=self.pools[i][1],
-            )
-            for i, t in enumerate(tasks)
-        ]
         index = {t.id: i for i, t in enumerate(tasks)}
         if len(index) != len(tasks):
             raise InvalidInput("task ids must be unique")
@@ -110,29 +166,48 @@ class _Run:
                     raise InvalidInput(f"task {t.id}: depends_on names unknown task {dep!r}")
                 self.children[index[dep]].append(i)
                 self.missing[i] += 1
+        self.backlog = Backlog()
+        history = getattr(scorer, "history", None)
+        self.history = history
+        self.row = [-1] * len(tasks)
+        self.index_of: list[int] = []
         self.released = [False] * len(tasks)
         self.start: list[float | None] = [None] * len(tasks)
         self.finish: list[float | None] = [None] * len(tasks)
+        self.expected_end = [0.0] * len(tasks)
         self.used: dict[str, int] = {}
-        # Ready tasks per pool. Heaps of (key, seq, index) by units held: the key is the rank
-        # when ranks do not move with time, the rank's floor for a Bounded scorer; otherwise a
-        # set of indices, all ranked afresh at each instant.
-        self.bounded = scorer if isinstance(scorer, Bounded) and scorer.time_dependent else None
-        self.scan = scorer.time_dependent and self.bounded is None
-        self.key = [0.0] * len(tasks)
+        self.end_sum: dict[str, float] = {}
+        """Per pool: Σ units x expected end of the tasks running in it."""
+        self.running: dict[str, dict[int, None]] = {}
+        # Ready tasks per pool: heaps of (rank, seq, i) per units held when ranks do not move
+        # with time; otherwise the ready rows, ranked afresh at each instant.
+        self.scan = scorer.time_dependent or options.reserve
+        self.rank_of = [0.0] * len(tasks)
         self.heaps: dict[str, dict[int, list[tuple[float, int, int]]]] = {}
-        self.waiting: dict[str, dict[int, None]] = {}
+        self.waiting: dict[str, _Waiting] = {}
         self.dirty: set[str] = set()
         self.events: list[tuple[float, int, int, int]] = []
         self.counter = 0
         self.cpu = 0.0
         self.calls = 0
+        self.attempts = 0
+        self.random = random.Random(options.seed)
+        self.fails: Callable[[], bool] = (
+            (lambda: self.random.random() < options.failure_rate)
+            if options.failure_rate > 0
+            else (lambda: False)
+        )
 
     def push(self, at: float, what: int, i: int) -> None:
         self.counter += 1
         heapq.heappush(self.events, (at, self.counter, what, i))
 
-    def run(self) -> SimResult:
+    def run(self, calendar: Calendar) -> SimResult:
+        self.shifts: list[tuple[str, int]] = []
+        for pool, changes in calendar.items():
+            for at, cap in changes:
+                self.shifts.append((pool, cap))
+                self.push(at, _SHIFT, len(self.shifts) - 1)
         for i, t in enumerate(self.tasks):
             self.push(t.submit_at, _ARRIVE, i)
         while self.events:
@@ -145,26 +220,55 @@ class _Run:
         records = {
             t.id: TaskRecord(t.id, self.start[i], self.finish[i]) for i, t in enumerate(self.tasks)
         }
-        return SimResult(self.scorer.name, records, self.calls, self.cpu)
+        return SimResult(self.scorer.name, records, self.calls, self.cpu, self.attempts)
 
     def apply(self, what: int, i: int, now: float) -> None:
-        if what == _ARRIVE:
+        if what == _SHIFT:
+            pool, cap = self.shifts[i]
+            self.capacity[pool] = cap
+            self.dirty.add(pool)
+        elif what == _ARRIVE:
+            began = time.process_time()
+            self.row[i] = self.backlog.add(scored(self.tasks[i], self.seq[i]), self.history)
+            self.index_of.append(i)
+            self.cpu += time.process_time() - began
             if self.tasks[i].release_at <= now:
                 self.release(i, now)
             else:
                 self.push(self.tasks[i].release_at, _RELEASE, i)
         elif what == _RELEASE:
             self.release(i, now)
-        elif what == _DONE:
+        elif what in (_DONE, _FAIL):
+            self.stopped(i, now)
+            if what == _FAIL:
+                self.push(now + self.options.retry_delay, _RETRY, i)
+                return
             self.finish[i] = now
-            pool, units = self.pools[i]
-            self.used[pool] -= units
-            self.dirty.add(pool)
+            if self.learner is not None:
+                began = time.process_time()
+                self.learner.observe(
+                    self.backlog,
+                    self.row[i],
+                    self.tasks[i].duration,
+                    failed=False,
+                    started_at=self.start[i] or now,
+                    finished_at=now,
+                )
+                self.cpu += time.process_time() - began
             for child in self.children[i]:
                 self.missing[child] -= 1
                 if self.missing[child] == 0 and self.released[child]:
                     self.ready(child, now)
+        elif what == _RETRY:
+            self.ready(i, now)
         # _REPLAN only marks the instant: the pools are already dirty.
+
+    def stopped(self, i: int, now: float) -> None:
+        pool, units = self.pools[i]
+        self.used[pool] -= units
+        self.end_sum[pool] -= units * self.expected_end[i]
+        del self.running[pool][i]
+        self.dirty.add(pool)
 
     def release(self, i: int, now: float) -> None:
         self.released[i] = True
@@ -175,25 +279,41 @@ class _Run:
         pool = self.pools[i][0]
         self.dirty.add(pool)
         if self.scan:
-            self.waiting.setdefault(pool, {})[i] = None
+            self.waiting.setdefault(pool, _Waiting()).add(self.row[i])
             return
         began = time.process_time()
-        if self.bounded is not None:
-            key = self.bounded.floor(self.seen[i])
-        else:
-            key = self.scorer.rank(self.seen[i], now)
+        request = RankRequest(self.backlog, np.array([self.row[i]], dtype=np.int64), now)
+        rank = float(self.scorer.rank(request)[0])
         self.cpu += time.process_time() - began
-        self.key[i] = key
+        self.rank_of[i] = rank
         by_units = self.heaps.setdefault(pool, {})
-        heapq.heappush(by_units.setdefault(self.pools[i][1], []), (key, self.seq[i], i))
+        heapq.heappush(by_units.setdefault(self.pools[i][1], []), (rank, self.seq[i], i))
+
+    def views(self, now: float) -> dict[int, PoolView]:
+        code = self.backlog.vocabulary.code
+        return {
+            code("pool", pool): PoolView(
+                capacity=cap,
+                busy_units=self.used.get(pool, 0),
+                busy_work=max(0.0, self.end_sum.get(pool, 0.0) - now * self.used.get(pool, 0)),
+            )
+            for pool, cap in self.capacity.items()
+        }
 
     def plan(self, now: float) -> None:
         began = time.process_time()
         view = CapacityView(pool_capacity=self.capacity, pool_used=dict(self.used))
+        if self.options.reserve:
+            view.reserve = True
+            view.running_ends = {
+                pool: sorted((self.expected_end[i], self.pools[i][1]) for i in running)
+                for pool, running in self.running.items()
+            }
         taken: list[int] = []
         capped: set[str] = set()
+        pools = self.views(now) if self.scan else {}
         sources = [
-            self.candidates(pool, now, view, taken, capped)
+            self.candidates(pool, now, view, taken, capped, pools)
             for pool in sorted(self.dirty)
             if self.has_room(pool) and self.has_waiting(pool)
         ]
@@ -203,27 +323,69 @@ class _Run:
             return
         merged = heapq.merge(*sources, key=lambda c: c.rank)
         plan = plan_starts(merged, view, now, len(self.tasks))
-        self.cpu += time.process_time() - began
         self.calls += 1
         started = {int(c.id) for c in plan.starts}
+        expected = {}
+        if plan.starts:
+            rows = np.array([self.row[int(c.id)] for c in plan.starts], dtype=np.int64)
+            guess = self._expected(rows)
+            expected = {int(c.id): float(g) for c, g in zip(plan.starts, guess, strict=True)}
         for i in taken:
-            pool, units = self.pools[i]
             if self.scan:
                 if i in started:
-                    del self.waiting[pool][i]
+                    self.waiting[self.pools[i][0]].remove(self.row[i])
             elif i not in started:
-                heapq.heappush(self.heaps[pool][units], (self.key[i], self.seq[i], i))
+                pool, units = self.pools[i]
+                heapq.heappush(self.heaps[pool][units], (self.rank_of[i], self.seq[i], i))
+        self.cpu += time.process_time() - began
         for c in plan.starts:
             i = int(c.id)
             self.used[c.pool] = self.used.get(c.pool, 0) + c.units
             cap = self.capacity.get(c.pool)
             assert cap is None or self.used[c.pool] <= cap, f"pool {c.pool} over capacity"
-            self.start[i] = now
-            self.push(now + self.tasks[i].duration, _DONE, i)
+            if self.start[i] is None:
+                self.start[i] = now
+            self.attempts += 1
+            self.expected_end[i] = now + expected[i]
+            self.end_sum[c.pool] = self.end_sum.get(c.pool, 0.0) + c.units * self.expected_end[i]
+            self.running.setdefault(c.pool, {})[i] = None
+            duration = self.tasks[i].duration
+            if self.fails():
+                self.push(now + duration * self.random.random(), _FAIL, i)
+            else:
+                self.push(now + duration, _DONE, i)
         for pool in capped:
             if any(self.pools[int(c.id)][0] == pool for c in plan.starts):
                 self.dirty.add(pool)
                 self.push(now, _REPLAN, -1)
+
+    def _expected(self, rows: np.ndarray) -> np.ndarray:
+        """The scorer's expected run time of rows about to start (p50 once predicted)."""
+        p50 = self.backlog.p50[rows]
+        return np.where(np.isnan(p50), durations(self.backlog, rows), p50)
+
+    def _may_start(
+        self, order: np.ndarray, rows: np.ndarray, free: int, reserve: bool
+    ) -> np.ndarray:
+        """The ordered positions worth offering: those that fit the free units and, with
+        reservations, the first that does not fit once the ones before it have started (the
+        head), then only those that fit what the head leaves."""
+        units = self.backlog.units[rows[order]]
+        if not reserve:
+            # Greedy first fit starts at most free // u tasks of u units: offer no more.
+            chosen = [
+                np.flatnonzero(units == u)[: free // int(u)]
+                for u in np.unique(units[units <= free])
+            ]
+            return order[np.sort(np.concatenate(chosen))] if chosen else order[:0]
+        before = np.cumsum(units)
+        over = np.flatnonzero(before > free)
+        if len(over) == 0:
+            return order
+        head = int(over[0])
+        left = free - (before[head] - units[head])
+        tail = order[head + 1 :][units[head + 1 :] <= left]
+        return np.concatenate([order[: head + 1], tail[: max(0, int(left))]])
 
     def has_room(self, pool: str) -> bool:
         cap = self.capacity.get(pool)
@@ -231,7 +393,8 @@ class _Run:
 
     def has_waiting(self, pool: str) -> bool:
         if self.scan:
-            return bool(self.waiting.get(pool))
+            waiting = self.waiting.get(pool)
+            return waiting is not None and waiting.size > 0
         return any(self.heaps.get(pool, {}).values())
 
     def lane(
@@ -239,31 +402,15 @@ class _Run:
         heap: list[tuple[float, int, int]],
         units: int,
         pool: str,
-        now: float,
         view: CapacityView,
         taken: list[int],
     ) -> Iterator[tuple[float, int, int]]:
-        """Tasks holding `units`, best rank first, while that many units are free.
-
-        For a Bounded scorer only tasks whose floor could beat the best rank found are ranked.
-        """
+        """Tasks holding `units`, best rank first, while that many units are free."""
         cap = self.capacity.get(pool)
-        exact: list[tuple[float, int, int]] = []
-        while cap is None or view.pool_used.get(pool, 0) + units <= cap:
-            if self.bounded is None:
-                if not heap:
-                    return
-                entry = heapq.heappop(heap)
-                taken.append(entry[2])
-                yield entry
-                continue
-            while heap and (not exact or heap[0][:2] < exact[0][:2]):
-                _, seq, i = heapq.heappop(heap)
-                taken.append(i)
-                heapq.heappush(exact, (self.bounded.rank(self.seen[i], now), seq, i))
-            if not exact:
-                return
-            yield heapq.heappop(exact)
+        while heap and (cap is None or view.pool_used.get(pool, 0) + units <= cap):
+            entry = heapq.heappop(heap)
+            taken.append(entry[2])
+            yield entry
 
     def candidates(
         self,
@@ -272,57 +419,77 @@ class _Run:
         view: CapacityView,
         taken: list[int],
         capped: set[str],
+        pools: Mapping[int, PoolView],
     ) -> Iterator[Candidate]:
         """The pool's ready tasks best first, while they may fit, up to the cap.
 
-        Tasks that cannot fit the units left are not offered (the planner would skip them):
-        this only saves work, it does not change what starts.
+        Without reservations, tasks that cannot fit the units left are not offered (the planner
+        would skip them): this only saves work, it does not change what starts.
         """
         cap = self.capacity.get(pool)
+        reserve = self.options.reserve
+        entries: Iterator[tuple[float, int, int]]
         if self.scan:
-            ranked = [
-                (self.scorer.rank(self.seen[i], now), self.seq[i], i) for i in self.waiting[pool]
-            ]
+            rows = self.waiting[pool].view()
+            ranks = self.scorer.rank(RankRequest(self.backlog, rows, now, pools))
+            limit = self.options.max_candidates
+            if len(rows) > limit:
+                best = np.argpartition(ranks, limit)[:limit]
+                rows, ranks = rows[best], ranks[best]
+            seqs = self.backlog.seq[rows]
+            order = np.lexsort((seqs, ranks))
             if cap is not None:
-                free = cap - self.used.get(pool, 0)
-                ranked = [e for e in ranked if self.pools[e[2]][1] <= free]
-            best = (
-                heapq.nsmallest(self.max_candidates, ranked)
-                if len(ranked) > self.max_candidates
-                else sorted(ranked)
-            )
-            entries: Iterator[tuple[float, int, int]] = iter(best)
+                order = self._may_start(order, rows, cap - self.used.get(pool, 0), reserve)
+            entries = ((float(ranks[k]), int(seqs[k]), self.index_of[int(rows[k])]) for k in order)
         else:
             room = None if cap is None else cap - self.used.get(pool, 0)
             entries = heapq.merge(
                 *(
-                    self.lane(heap, units, pool, now, view, taken)
+                    self.lane(heap, units, pool, view, taken)
                     for units, heap in sorted(self.heaps[pool].items())
                     if heap and (room is None or units <= room)
                 )
             )
         count = 0
-        for entry in entries:
-            i = entry[2]
+        for rank, _, i in entries:
             units = self.pools[i][1]
             if self.scan:
                 taken.append(i)
-            if cap is not None and view.pool_used.get(pool, 0) + units > cap:
+            if not reserve and cap is not None and view.pool_used.get(pool, 0) + units > cap:
                 continue
-            if count >= self.max_candidates:
+            if count >= self.options.max_candidates:
                 capped.add(pool)
                 return
             count += 1
-            task = self.seen[i]
-            yield Candidate(str(i), task.kind, pool, units, None, f"sim:{task.kind}", entry[0])
+            task = self.tasks[i]
+            expected = (
+                float(self._expected(np.array([self.row[i]], dtype=np.int64))[0])
+                if reserve
+                else None
+            )
+            yield Candidate(
+                str(i), task.kind, pool, units, None, f"sim:{task.kind}", rank, expected
+            )
 
 
 def simulate(
     tasks: Sequence[WorkloadTask],
     capacity: Mapping[str, int],
     scorer: Scorer,
+    options: SimOptions | None = None,
     *,
-    max_candidates: int = MAX_CANDIDATES,
+    calendar: Calendar | None = None,
+    backlog: Backlog | None = None,
 ) -> SimResult:
-    """Run the tasks to completion with `scorer` choosing the order; one record per task."""
-    return _Run(tasks, capacity, scorer, max_candidates).run()
+    """Run the tasks to completion with `scorer` choosing the order; one record per task.
+
+    `calendar`: capacity changes over time (shifts); `backlog`: rows to continue from (a
+    learner's history); a new one by default."""
+    options = options or SimOptions()
+    if not 0.0 <= options.failure_rate < 1.0 or math.isnan(options.failure_rate):
+        raise InvalidInput(f"failure rate must be in [0, 1), got {options.failure_rate}")
+    run = _Run(tasks, capacity, scorer, options)
+    if backlog is not None:
+        run.backlog = backlog
+        run.index_of = [-1] * len(backlog)
+    return run.run(calendar or {})

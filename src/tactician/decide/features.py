@@ -1,0 +1,303 @@
+"""Features of waiting tasks, as columns: what the scorers and predictors read.
+
+A `Backlog` holds every task a scorer may rank as numpy columns, one row per task, added once
+when the task arrives. What is known at submission is encoded then (`static` columns: estimate,
+weight, units, kind, window, lead time, the kind's history so far, the task's own `features`);
+what moves with time (slack, age, pool pressure) is computed for many rows at once by
+`dynamic`. Categorical values get integer codes from a vocabulary that only grows, so a code
+means the same value to every model version.
+
+Nothing here reads a task's true run time: the `ScoredTask` a backlog is fed has none.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[np.float64]
+FeatureValue = float | int | str | bool
+
+BASE_FEATURES = (
+    "estimate",
+    "weight",
+    "units",
+    "kind",
+    "window_s",
+    "lead_s",
+    "attempt",
+    "kind_median_s",
+    "kind_fail_rate",
+)
+"""Static columns every task has, before its own `features`."""
+CATEGORICAL_BASE = ("kind",)
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredTask:
+    """What a scheduler may know of a waiting task: never its true run time."""
+
+    id: str
+    kind: str
+    seq: int
+    """Submission order: 0 for the first task submitted."""
+    submit_at: float
+    release_at: float
+    due_at: float | None = None
+    weight: float = 1.0
+    estimate: float | None = None
+    units: int = 1
+    pool: str = ""
+    tenant: str | None = None
+    attempt: int = 0
+    features: Mapping[str, FeatureValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which of the tasks' own features a model reads, and which of them are categorical."""
+
+    numeric: tuple[str, ...] = ()
+    categorical: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return BASE_FEATURES + self.numeric + self.categorical
+
+    @property
+    def categorical_names(self) -> tuple[str, ...]:
+        return CATEGORICAL_BASE + self.categorical
+
+    @classmethod
+    def infer(cls, rows: Iterable[Mapping[str, FeatureValue]]) -> FeatureSpec:
+        """Numeric features: those whose values are all numbers; the rest are categorical."""
+        kinds: dict[str, bool] = {}
+        for row in rows:
+            for name, value in row.items():
+                is_number = isinstance(value, int | float) and not isinstance(value, bool)
+                kinds[name] = kinds.get(name, True) and is_number
+        return cls(
+            numeric=tuple(sorted(n for n, numeric in kinds.items() if numeric)),
+            categorical=tuple(sorted(n for n, numeric in kinds.items() if not numeric)),
+        )
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {"numeric": list(self.numeric), "categorical": list(self.categorical)}
+
+
+class Vocabulary:
+    """Integer codes for categorical values, per feature; codes never change once given."""
+
+    def __init__(self, codes: Mapping[str, Mapping[str, int]] | None = None) -> None:
+        self._codes: dict[str, dict[str, int]] = {k: dict(v) for k, v in (codes or {}).items()}
+
+    def code(self, feature: str, value: FeatureValue) -> int:
+        codes = self._codes.setdefault(feature, {})
+        text = str(value)
+        found = codes.get(text)
+        if found is None:
+            found = codes[text] = len(codes)
+        return found
+
+    def to_json(self) -> dict[str, dict[str, int]]:
+        return {k: dict(v) for k, v in self._codes.items()}
+
+
+class KindHistory:
+    """Per kind: durations, failures and lateness of finished tasks, as running figures.
+
+    The median is of the last `window` durations, so it follows a kind that slows down.
+    """
+
+    def __init__(self, window: int = 200) -> None:
+        self.window = window
+        self._recent: dict[str, list[float]] = {}
+        self._count: dict[str, int] = {}
+        self._failed: dict[str, int] = {}
+        self._late: dict[str, int] = {}
+        self._medians: dict[str, float] = {}
+
+    def record(
+        self, kind: str, duration: float, *, failed: bool = False, late: bool = False
+    ) -> None:
+        recent = self._recent.setdefault(kind, [])
+        recent.append(duration)
+        if len(recent) > self.window:
+            del recent[0]
+        self._medians.pop(kind, None)
+        self._count[kind] = self._count.get(kind, 0) + 1
+        self._failed[kind] = self._failed.get(kind, 0) + failed
+        self._late[kind] = self._late.get(kind, 0) + late
+
+    def median(self, kind: str) -> float:
+        """The median of the kind's recent durations; NaN before any."""
+        cached = self._medians.get(kind)
+        if cached is None:
+            recent = self._recent.get(kind)
+            cached = float(np.median(recent)) if recent else math.nan
+            self._medians[kind] = cached
+        return cached
+
+    def count(self, kind: str) -> int:
+        return self._count.get(kind, 0)
+
+    def fail_rate(self, kind: str) -> float:
+        count = self._count.get(kind, 0)
+        return self._failed.get(kind, 0) / count if count else math.nan
+
+    def late_rate(self, kind: str) -> float:
+        count = self._count.get(kind, 0)
+        return self._late.get(kind, 0) / count if count else math.nan
+
+    def all_durations(self) -> list[float]:
+        return [d for recent in self._recent.values() for d in recent]
+
+
+class Backlog:
+    """Tasks as columns. Rows are appended, never removed: a row's number is its handle."""
+
+    def __init__(self, spec: FeatureSpec | None = None, vocabulary: Vocabulary | None = None):
+        self.spec = spec or FeatureSpec()
+        self.vocabulary = vocabulary or Vocabulary()
+        self.tasks: list[ScoredTask] = []
+        self._size = 0
+        self._grow(1024)
+
+    def _grow(self, rows: int) -> None:
+        old = self._size
+        width = len(self.spec.names)
+
+        def column(name: str, fill: float, dtype: type = np.float64) -> npt.NDArray[np.generic]:
+            new = np.full(rows, fill, dtype=dtype)
+            if old:
+                new[:old] = getattr(self, name)[:old]
+            return new
+
+        self.seq = column("seq", 0.0)
+        self.submit = column("submit", 0.0)
+        self.release = column("release", 0.0)
+        self.due = column("due", math.nan)
+        self.weight = column("weight", 1.0)
+        self.estimate = column("estimate", math.nan)
+        self.units = column("units", 1.0)
+        self.kind = column("kind", 0.0, np.int64)
+        self.pool = column("pool", 0.0, np.int64)
+        self.tenant = column("tenant", -1.0, np.int64)
+        # Predictions: NaN until a predictor fills them in.
+        self.p50 = column("p50", math.nan)
+        self.p90 = column("p90", math.nan)
+        self.raw50 = column("raw50", math.nan)
+        """p50 as the models gave it, before any online correction."""
+        self.p_fail = column("p_fail", math.nan)
+        self.ood = column("ood", 0.0, np.bool_)
+        self.model = column("model", -1.0, np.int64)
+        matrix = np.full((rows, width), math.nan)
+        if old:
+            matrix[:old, : self.static.shape[1]] = self.static[:old]
+        self.static = matrix
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, task: ScoredTask, history: KindHistory | None = None) -> int:
+        """Append a task; returns its row."""
+        row = self._size
+        if row == len(self.seq):
+            self._grow(2 * row)
+        self._size += 1
+        self.tasks.append(task)
+        self.seq[row] = task.seq
+        self.submit[row] = task.submit_at
+        self.release[row] = task.release_at
+        self.due[row] = math.nan if task.due_at is None else task.due_at
+        self.weight[row] = task.weight
+        self.estimate[row] = math.nan if task.estimate is None else task.estimate
+        self.units[row] = task.units
+        self.kind[row] = self.vocabulary.code("kind", task.kind)
+        self.pool[row] = self.vocabulary.code("pool", task.pool)
+        if task.tenant is not None:
+            self.tenant[row] = self.vocabulary.code("tenant", task.tenant)
+        self.static[row] = self._encode(task, history)
+        return row
+
+    def _encode(self, task: ScoredTask, history: KindHistory | None) -> list[float]:
+        window = math.nan if task.due_at is None else task.due_at - task.release_at
+        values = [
+            math.nan if task.estimate is None else task.estimate,
+            task.weight,
+            float(task.units),
+            float(self.vocabulary.code("kind", task.kind)),
+            window,
+            task.release_at - task.submit_at,
+            float(task.attempt),
+            history.median(task.kind) if history else math.nan,
+            history.fail_rate(task.kind) if history else math.nan,
+        ]
+        own = task.features
+        for name in self.spec.numeric:
+            value = own.get(name)
+            values.append(float(value) if isinstance(value, int | float) else math.nan)
+        for name in self.spec.categorical:
+            value = own.get(name)
+            values.append(math.nan if value is None else float(self.vocabulary.code(name, value)))
+        return values
+
+    def respec(self, spec: FeatureSpec, history: KindHistory | None = None) -> None:
+        """Read a new set of features: re-encode every row (a model with new features)."""
+        if spec == self.spec:
+            return
+        self.spec = spec
+        self.static = np.full((len(self.seq), len(spec.names)), math.nan)
+        for row, task in enumerate(self.tasks):
+            self.static[row] = self._encode(task, history)
+
+    def fallback_duration(self, rows: npt.NDArray[np.int64], default: float) -> Array:
+        """The duration a scorer assumes without a model: the estimate, else the kind's
+        median at submission, else `default`."""
+        estimate = self.estimate[rows]
+        median = self.static[rows, BASE_FEATURES.index("kind_median_s")]
+        return np.where(np.isnan(estimate), np.where(np.isnan(median), default, median), estimate)
+
+
+@dataclass(frozen=True)
+class Dynamic:
+    """What moves with time, for some rows at one instant."""
+
+    age: Array
+    """now - submit_at."""
+    time_left: Array
+    """due_at - now (NaN without a deadline)."""
+    slack: Array
+    """due_at - now - predicted duration (NaN without a deadline)."""
+
+
+def dynamic(backlog: Backlog, rows: npt.NDArray[np.int64], now: float, duration: Array) -> Dynamic:
+    """Slack and age of `rows` at `now`, given their predicted durations."""
+    time_left = backlog.due[rows] - now
+    return Dynamic(age=now - backlog.submit[rows], time_left=time_left, slack=time_left - duration)
+
+
+def pool_pressure(
+    backlog: Backlog,
+    rows: npt.NDArray[np.int64],
+    duration: Array,
+    capacity: Mapping[int, int | None],
+) -> dict[int, float]:
+    """Per pool code: the waiting work in unit-seconds over the pool's capacity (seconds of
+    work queued per unit), NaN for an unbounded pool."""
+    pools = backlog.pool[rows]
+    work = duration * backlog.units[rows]
+    result: dict[int, float] = {}
+    for code in np.unique(pools):
+        cap = capacity.get(int(code))
+        queued = float(work[pools == code].sum())
+        result[int(code)] = math.nan if not cap else queued / cap
+    return result
+
+
+def as_rows(values: Sequence[int]) -> npt.NDArray[np.int64]:
+    return np.asarray(values, dtype=np.int64)

@@ -1,0 +1,273 @@
+"""The learned scorer: predicted durations, lateness risk and weight, learning as it goes.
+
+For each pool, at each instant:
+
+1. **Predict.** Each waiting task's duration as p50 and p90 (LightGBM quantiles on what was
+   known at submission, corrected between refits by `Adapter`); without a model, the estimate
+   or the kind's median with a default spread.
+2. **Triage deadlines** (Moore-Hodgson, generalised to a pool of m units): list the tasks with
+   a deadline earliest first and project each one's start in a fluid model of the pool:
+   `now + R / m² + W / m` for R the work left of the running tasks and W the work ahead of it
+   (exact for one unit; for many, the first start comes after about R / m² and then the work
+   ahead drains m units at a time). While some task would finish late, the
+   longest task (duration x units / weight^α) at or before the first late one is set aside as
+   **lost**: it cannot be on time without making others late. A lost task stays lost.
+3. **Order.** Deadline tasks whose projected start leaves less slack than the pool's backlog
+   takes to clear are **urgent** and go first, earliest deadline first. Everything else is
+   ordered by expected weighted cost per unit of capacity (p50 x units / weight, Smith's rule),
+   which minimises waiting and slowdown. Lost tasks go last, shortest first, so they still
+   finish as soon as capacity allows.
+
+This is the general policy of `tactician simulate --policy ai`: no per-workload settings. It
+learns from every finished task (`observe`) and refits its predictors every `refit_every`
+outcomes (doubling from `first_fit` so that it learns early), on all outcomes seen so far.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from tactician.decide.decision import Reason
+from tactician.decide.features import Array, Backlog, FeatureSpec, KindHistory
+from tactician.decide.predictors import Z90, Adapter, ModelSet, Outcomes, fit, miss_probability
+from tactician.decide.scorers import DEFAULT_ESTIMATE, RankRequest, Rows, span_text
+from tactician.errors import InvalidInput
+
+URGENT, NORMAL, LOST = 0.0, 1.0, 2.0
+BAND = 1e12
+"""Rank offset per band: a band's ranks never meet the next one's."""
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the learned scorer trades off; part of the policy bundle."""
+
+    weight_exponent: float = 0.0
+    """α: how much a task's weight protects it from being set aside (0: every deadline counts
+    the same, as the missed-deadline count does; 1: in proportion to weight)."""
+    duration_quantile: float = 0.5
+    """Which predicted duration triage plans with (0.5: p50; 0.9: p90, more cautious)."""
+    max_iterations: int = 64
+    """Tasks set aside per pool per ranking, at most (the rest wait for the next instant)."""
+
+
+class Learned:
+    """See the module docstring."""
+
+    name = "learned"
+    time_dependent = True
+
+    def __init__(
+        self,
+        objective: Objective | None = None,
+        models: ModelSet | None = None,
+        *,
+        learn: bool = True,
+        first_fit: int = 200,
+        refit_every: int = 5000,
+    ) -> None:
+        self.objective = objective or Objective()
+        self.models = models
+        self.learn = learn
+        self.history = KindHistory()
+        self.adapter = Adapter()
+        self._model_id = 0 if models is None else 1
+        self._lost: set[int] = set()
+        self._rows: list[int] = []
+        self._duration: list[float] = []
+        self._failed: list[bool] = []
+        self._finished: list[float] = []
+        self._left: list[float] = []
+        self.next_fit = first_fit
+        self._refit_every = refit_every
+        self.fits: list[ModelSet] = []
+
+    @property
+    def model_version(self) -> str | None:
+        return None if self.models is None else self.models.short
+
+    # --- learning --------------------------------------------------------------------------
+
+    def observe(
+        self,
+        backlog: Backlog,
+        row: int,
+        duration: float,
+        *,
+        failed: bool,
+        started_at: float,
+        finished_at: float,
+    ) -> None:
+        due = float(backlog.due[row])
+        kind = backlog.tasks[row].kind
+        self.history.record(kind, duration, failed=failed, late=finished_at > due)
+        if backlog.model[row] == self._model_id:
+            self.adapter.learn(int(backlog.kind[row]), float(backlog.raw50[row]), duration)
+        if not self.learn:
+            return
+        self._rows.append(row)
+        self._duration.append(duration)
+        self._failed.append(failed)
+        self._finished.append(finished_at)
+        self._left.append(due - started_at)
+        seen = len(self._rows)
+        if seen >= self.next_fit:
+            self.next_fit = min(2 * seen, seen + self._refit_every)
+            self.refit(backlog)
+
+    def outcomes(self) -> Outcomes:
+        return Outcomes(
+            rows=np.asarray(self._rows, dtype=np.int64),
+            duration=np.asarray(self._duration),
+            failed=np.asarray(self._failed, dtype=bool),
+            finished_at=np.asarray(self._finished),
+            time_left_at_start=np.asarray(self._left),
+        )
+
+    def refit(self, backlog: Backlog) -> ModelSet | None:
+        """Fit on every outcome seen so far; keep the new models only if they were accepted."""
+        spec = FeatureSpec.infer(backlog.tasks[row].features for row in self._rows)
+        backlog.respec(spec)
+        try:
+            models = fit(backlog, self.outcomes(), default_duration=DEFAULT_ESTIMATE)
+        except InvalidInput:
+            return None
+        self.fits.append(models)
+        if models.p50 is None:
+            return None
+        self.use(models)
+        return models
+
+    def use(self, models: ModelSet) -> None:
+        """Rank with these models from now on (every waiting task is predicted again)."""
+        self.models = models
+        self._model_id += 1
+        self.adapter.reset()
+
+    def admit(self, backlog: Backlog, task_row: int) -> None:
+        """Nothing to do at arrival: predictions are made in batches when first ranked."""
+
+    # --- ranking ---------------------------------------------------------------------------
+
+    def predicted(self, backlog: Backlog, rows: Rows) -> tuple[Array, Array]:
+        """p50 and p90 of `rows`, predicting those not yet predicted by the current models."""
+        stale = rows[backlog.model[rows] != self._model_id]
+        if len(stale):
+            if self.models is None or backlog.spec != self.models.spec:
+                low = backlog.fallback_duration(stale, DEFAULT_ESTIMATE)
+                backlog.p50[stale] = low
+                backlog.p90[stale] = low * math.exp(Z90 * 0.6)
+                backlog.ood[stale] = False
+            else:
+                self.models.predict(backlog, stale, DEFAULT_ESTIMATE)
+            backlog.raw50[stale] = backlog.p50[stale]
+            factor = self.adapter.factors(backlog.kind[stale])
+            backlog.p50[stale] *= factor
+            backlog.p90[stale] *= factor
+            backlog.model[stale] = self._model_id
+        return backlog.p50[rows], backlog.p90[rows]
+
+    def rank(self, request: RankRequest) -> Array:
+        backlog, rows = request.backlog, request.rows
+        result = np.empty(len(rows))
+        if len(rows) == 0:
+            return result
+        pools = backlog.pool[rows]
+        for code in np.unique(pools):
+            mine = np.flatnonzero(pools == code)
+            result[mine] = self._rank_pool(request, rows[mine], int(code))[0]
+        return result
+
+    def _rank_pool(self, request: RankRequest, rows: Rows, pool: int) -> tuple[Array, Array]:
+        backlog, now = request.backlog, request.now
+        p50, p90 = self.predicted(backlog, rows)
+        q = p50 if self.objective.duration_quantile <= 0.5 else p90
+        units = backlog.units[rows]
+        weight = np.maximum(backlog.weight[rows], 1e-9)
+        due = backlog.due[rows]
+        view = request.pools.get(pool)
+        capacity = None if view is None else view.capacity
+        lost = np.fromiter((int(r) in self._lost for r in rows), dtype=bool, count=len(rows))
+        spt = p50 * units / weight
+        if capacity is None:
+            return spt, np.full(len(rows), NORMAL)
+        m = float(capacity)
+        running = 0.0 if view is None else view.busy_work
+        has_due = ~np.isnan(due) & ~lost
+        order = np.flatnonzero(has_due)
+        order = order[np.argsort(due[order], kind="stable")]
+        work = q[order] * units[order]
+        cost = work / weight[order] ** self.objective.weight_exponent
+        keep = np.ones(len(order), dtype=bool)
+        start = np.zeros(len(order))
+        for _ in range(self.objective.max_iterations):
+            kept_work = np.where(keep, work, 0.0)
+            start = now + running / (m * m) + (np.cumsum(kept_work) - kept_work) / m
+            late = keep & (start + q[order] > due[order])
+            if not late.any():
+                break
+            first = int(np.argmax(late))
+            candidates = np.where(keep[: first + 1], cost[: first + 1], -np.inf)
+            drop = int(np.argmax(candidates))
+            keep[drop] = False
+            self._lost.add(int(rows[order[drop]]))
+            lost[order[drop]] = True
+        # Urgent: a kept deadline task that would be late if it waited for the whole backlog.
+        clear = (running + float((q * units)[~lost].sum())) / m
+        band = np.full(len(rows), NORMAL)
+        kept_rows = order[keep]
+        slack = due[kept_rows] - now - p90[kept_rows]
+        band[kept_rows[slack < clear]] = URGENT
+        band[lost] = LOST
+        within = np.where(band == URGENT, due - now, spt)
+        return band * BAND + within, band
+
+    # --- explaining ------------------------------------------------------------------------
+
+    def explain(self, request: RankRequest) -> list[Reason]:
+        backlog, row = request.backlog, request.rows[:1]
+        pool = int(backlog.pool[row][0])
+        same = request.rows[backlog.pool[request.rows] == pool]
+        ranks, bands = self._rank_pool(request, same, pool)
+        at = int(np.flatnonzero(same == row[0])[0])
+        p50, p90 = float(backlog.p50[row][0]), float(backlog.p90[row][0])
+        weight = float(backlog.weight[row][0])
+        due = float(backlog.due[row][0])
+        band = bands[at]
+        reasons: list[Reason] = []
+        run = f"predicted run {span_text(p50)} (p90 {span_text(p90)})"
+        if math.isnan(due):
+            reasons.append(Reason("deadline", 0.0, "no deadline"))
+        else:
+            left = due - request.now
+            p_miss = float(miss_probability(np.array([p50]), np.array([p90]), np.array([left]))[0])
+            verdict = {URGENT: "urgent", NORMAL: "has slack", LOST: "cannot be on time: set aside"}
+            reasons.append(
+                Reason(
+                    "deadline",
+                    p_miss,
+                    f"due in {span_text(left)}, {run} → {verdict[band]}"
+                    f" (P(late if started now) {p_miss:.0%})",
+                )
+            )
+        reasons.append(Reason("weight", weight, f"weight {weight:g}"))
+        reasons.append(
+            Reason(
+                "position",
+                float(ranks[at]),
+                f"{int((ranks < ranks[at]).sum()) + 1} of {len(same)} in its pool",
+            )
+        )
+        if self.models is not None:
+            top = [c for c in self.models.contributions(backlog, int(row[0])) if c[0] != "bias"]
+            if top:
+                text = ", ".join(f"{name} {value:+.2f}" for name, value in top[:3])
+                reasons.append(Reason("duration_model", top[0][1], f"log-duration drivers: {text}"))
+        if bool(backlog.ood[row][0]):
+            reasons.append(
+                Reason("confidence", -1.0, "features outside what the model was trained on")
+            )
+        return reasons
