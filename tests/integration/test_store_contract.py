@@ -791,3 +791,85 @@ def test_schedule_rows(store: SqlStore) -> None:
     ):
         with pytest.raises(NotFound, match="nightly"):
             call()
+
+
+# --- outcomes: the training data of the predictors ----------------------------------------------
+
+
+def test_outcomes_are_finished_attempts_with_what_was_known_at_submission(
+    store: SqlStore,
+) -> None:
+    kinds = register(store)
+    now = store.db_now()
+    delivered, flaky, stopped, waiting = store.submit(
+        [
+            NewTask(
+                "noop",
+                {"zone": "north", "km": 3.5},
+                due_at=now + 600,
+                weight=2.0,
+                estimate=40.0,
+                tenant="acme",
+            ),
+            NewTask("noop", {"zone": "south"}),
+            NewTask("noop"),
+            NewTask("noop", release_at=now + 3600),
+        ],
+        kinds,
+    )
+    assert store.outcomes() == []
+    claims = {c.task_id: c for c in start(store, kinds)}
+    assert set(claims) == {delivered, flaky, stopped}
+
+    def result(claim: Claim, ok: bool, **flags: bool) -> Result:
+        began = store.db_now() - 2.0  # the worker's clock: it started two seconds ago
+        return Result(
+            claim.task_id, claim.token, ok, began, 2.0, error=None if ok else "x", **flags
+        )
+
+    store.finish("w1", [Finish(result(claims[delivered], True), "noop", 1, None)], kinds)
+    time.sleep(0.01)
+    store.finish("w1", [Finish(result(claims[flaky], False), "noop", 1, 0.0)], kinds)
+    time.sleep(0.01)
+    store.cancel(stopped)
+    store.finish(
+        "w1", [Finish(result(claims[stopped], False, cancelled=True), "noop", 1, None)], kinds
+    )
+    store.promote()
+    [again] = start(store, kinds, worker="w2")
+    assert again.task_id == flaky
+    time.sleep(0.01)
+    store.finish("w2", [Finish(result(again, True), "noop", 2, None)], kinds)
+
+    rows = store.outcomes()
+    # Oldest first; the cancelled attempt and the task that never ran are not outcomes.
+    assert [(r.task_id, r.attempt, r.outcome, r.failed) for r in rows] == [
+        (delivered, 1, "succeeded", False),
+        (flaky, 1, "failed", True),
+        (flaky, 2, "succeeded", False),
+    ]
+    assert waiting not in {r.task_id for r in rows}
+    first = rows[0]
+    assert first.kind == "noop" and first.payload == {"zone": "north", "km": 3.5}
+    assert (first.due_at, first.weight, first.estimate) == (now + 600, 2.0, 40.0)
+    assert (first.pool, first.units, first.tenant) == ("default", 1, "acme")
+    assert first.created_at <= first.release_at <= first.started_at + 2.0
+    assert (
+        rows[1].due_at is None and rows[1].estimate is None and rows[1].payload == {"zone": "south"}
+    )
+    for row in rows:
+        assert 1.9 <= row.finished_at - row.started_at <= 5.0
+    assert [r.finished_at for r in rows] == sorted(r.finished_at for r in rows)
+
+    # The latest `limit`, still oldest first; `since` keeps those finished at or after it.
+    assert [(r.task_id, r.attempt) for r in store.outcomes(limit=2)] == [(flaky, 1), (flaky, 2)]
+    assert [(r.task_id, r.attempt) for r in store.outcomes(since=rows[1].finished_at)] == [
+        (flaky, 1),
+        (flaky, 2),
+    ]
+    assert store.outcomes(since=rows[2].finished_at + 1.0) == []
+    for limit in (0, 1_000_001):
+        with pytest.raises(InvalidInput, match="limit"):
+            store.outcomes(limit=limit)
+    with pytest.raises(InvalidInput, match="since"):
+        store.outcomes(since=float("nan"))

@@ -177,3 +177,93 @@ def test_all_limits_together() -> None:
     plan = plan_starts(tasks, capacity, NOW, 10)
     assert ids(plan.starts) == ["api-1", "plain-1", "other-kind"]
     assert set(plan.blocked) == {"key-busy", "api-2", "plain-2", "pool-full"}
+
+
+# --- EASY reservations -------------------------------------------------------------------------
+
+
+def easy(task_id: str, *, units: int = 1, expected: float | None, pool: str = "p") -> Candidate:
+    return Candidate(task_id, "k", pool, units, None, "python:k", 0.0, expected)
+
+
+def test_easy_backfills_only_what_ends_before_the_reservation() -> None:
+    # 4 units: 2 busy until NOW + 100. The head needs all 4: it is reserved NOW + 100, and no
+    # unit will be spare then, so only tasks expected to end by then may start before it.
+    capacity = view(
+        pool_capacity={"p": 4},
+        pool_used={"p": 2},
+        reserve=True,
+        running_ends={"p": [(NOW + 100, 2)]},
+    )
+    tasks = [
+        easy("head", units=4, expected=500),
+        easy("ends-at-50", expected=50),
+        easy("ends-at-200", expected=200),
+        easy("unknown", expected=None),  # assumed long
+        easy("ends-at-100", expected=100),  # ends just as the head may start
+        easy("other-pool", pool="q", expected=1000),
+    ]
+    plan = plan_starts(tasks, capacity, NOW, 10)
+    assert ids(plan.starts) == ["ends-at-50", "ends-at-100", "other-pool"]
+    assert plan.blocked == {
+        "head": "pool p is full: reserved for it",
+        "ends-at-200": "pool p: would delay a reservation",
+        "unknown": "pool p: would delay a reservation",
+    }
+    # Greedy, the long one takes the last free unit: the head's start would slip to NOW + 200.
+    greedy = view(pool_capacity={"p": 4}, pool_used={"p": 2})
+    assert ids(plan_starts(tasks, greedy, NOW, 10).starts) == [
+        "ends-at-50",
+        "ends-at-200",
+        "other-pool",
+    ]
+
+
+def test_easy_lets_a_long_task_use_units_the_reserved_one_leaves_spare() -> None:
+    # 5 units: 2 busy until NOW + 100. At NOW + 100 all 5 are free and the head takes 4:
+    # one unit is spare, so one long task may start; a second one would delay the head.
+    capacity = view(
+        pool_capacity={"p": 5},
+        pool_used={"p": 2},
+        reserve=True,
+        running_ends={"p": [(NOW + 100, 2)]},
+    )
+    tasks = [
+        easy("head", units=4, expected=500),
+        easy("long-1", expected=200),
+        easy("long-2", expected=200),
+        easy("short", expected=10),
+    ]
+    plan = plan_starts(tasks, capacity, NOW, 10)
+    assert ids(plan.starts) == ["long-1", "short"]
+    assert plan.blocked["long-2"] == "pool p: would delay a reservation"
+    assert capacity.pool_used == {"p": 4}
+
+
+def test_easy_counts_tasks_started_in_the_same_pass_when_reserving() -> None:
+    # 6 units, 1 busy until NOW + 100. "first" takes 2 of the 5 free ones until NOW + 300: only
+    # then are 5 units free for the head (at NOW + 100 there are 4), with 1 spare. A task
+    # ending at NOW + 200 may start; one of 2 units ending at NOW + 400 would delay the head.
+    capacity = view(
+        pool_capacity={"p": 6},
+        pool_used={"p": 1},
+        reserve=True,
+        running_ends={"p": [(NOW + 100, 1)]},
+    )
+    tasks = [
+        easy("first", units=2, expected=300),
+        easy("head", units=5, expected=500),
+        easy("ends-at-200", expected=200),
+        easy("ends-at-400", units=2, expected=400),
+    ]
+    plan = plan_starts(tasks, capacity, NOW, 10)
+    assert ids(plan.starts) == ["first", "ends-at-200"]
+    assert plan.blocked["ends-at-400"] == "pool p: would delay a reservation"
+    assert capacity.pool_used == {"p": 4}
+
+
+def test_a_head_that_can_never_fit_blocks_nothing() -> None:
+    capacity = view(pool_capacity={"p": 2}, reserve=True)
+    tasks = [easy("huge", units=3, expected=10), easy("a", expected=1e9), easy("b", expected=None)]
+    plan = plan_starts(tasks, capacity, NOW, 10)
+    assert ids(plan.starts) == ["a", "b"]

@@ -17,6 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 from tactician.app import Tactician
+from tactician.cli.models import register as register_models
+from tactician.cli.simulate import CapacityOption, parse_capacities
+from tactician.cli.simulate import simulate as simulate_command
 from tactician.domain import Task
 from tactician.errors import InvalidInput, TacticianError
 from tactician.run.worker import WorkerOptions
@@ -38,6 +41,7 @@ cli.add_typer(schedules_cli, name="schedules")
 cli.add_typer(bench_cli, name="bench")
 workload_cli = typer.Typer(help="Simulator workloads: generate and inspect.", no_args_is_help=True)
 cli.add_typer(workload_cli, name="workload")
+register_models(cli, bench_cli)  # train, models …, bench decide
 
 out = Console(highlight=False)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -487,23 +491,6 @@ def bench_throughput(
 
 # --- workloads ---------------------------------------------------------------------------------
 
-CapacityOption = Annotated[
-    list[str] | None,
-    typer.Option("--capacity", help="Units of a pool, as pool=N; repeat for several pools."),
-]
-
-
-def _capacities(items: list[str] | None) -> dict[str, int] | None:
-    if not items:
-        return None
-    capacity: dict[str, int] = {}
-    for item in items:
-        pool, _, units = item.partition("=")
-        if not pool or not units.strip().isdigit() or int(units) < 1:
-            raise InvalidInput(f"--capacity must look like pool=N with N >= 1, got {item!r}")
-        capacity[pool.strip()] = int(units)
-    return capacity
-
 
 @workload_cli.command("generate")
 def workload_generate(
@@ -520,7 +507,7 @@ def workload_generate(
     from tactician.sim.workload import summarize, write_workload
 
     generated, pools = generate(
-        scenario, tasks=tasks, seed=seed, load=load, capacity=_capacities(capacity)
+        scenario, tasks=tasks, seed=seed, load=load, capacity=parse_capacities(capacity)
     )
     write_workload(out_path, generated)
     summary = summarize(generated, pools)
@@ -545,7 +532,7 @@ def workload_inspect(
     """Check a workload file and summarise it: kinds, span, demand, deadlines, load."""
     from tactician.sim.workload import read_workload, summarize
 
-    summary = summarize(read_workload(path), _capacities(capacity))
+    summary = summarize(read_workload(path), parse_capacities(capacity))
     if as_json:
         _print_json(summary)
         return
@@ -556,75 +543,7 @@ def workload_inspect(
         out.print(f"{key:>18}  {shown}")
 
 
-@cli.command()
-def simulate(
-    workload: Annotated[str | None, typer.Option(help="A workload file (JSON Lines).")] = None,
-    scenario: Annotated[
-        str | None,
-        typer.Option(help="A built-in scenario: logistics, incidents, campaigns, batch."),
-    ] = None,
-    tasks: Annotated[int, typer.Option(min=1, help="Tasks of the scenario.")] = 1000,
-    seed: Annotated[int, typer.Option(help="The scenario's seed.")] = 0,
-    load: Annotated[float, typer.Option(help="The scenario's work / capacity.")] = 1.2,
-    capacity: CapacityOption = None,
-    policy: Annotated[
-        str, typer.Option(help="Comma-separated policies: fifo, edf, wspt, atc.")
-    ] = "fifo,edf,wspt,atc",
-    as_json: JsonOption = False,
-) -> None:
-    """Run one workload through each policy on a virtual clock and compare the outcomes."""
-    import time
-
-    from tactician.decide.scorers import get_scorer
-    from tactician.sim.metrics import compute_metrics
-    from tactician.sim.scenarios import generate
-    from tactician.sim.simulator import simulate as run_simulation
-    from tactician.sim.workload import read_workload, summarize
-
-    if (workload is None) == (scenario is None):
-        raise InvalidInput("give exactly one of --workload and --scenario")
-    names = [name.strip() for name in policy.split(",") if name.strip()]
-    if not names:
-        raise InvalidInput("--policy names no policy; choose from fifo, edf, wspt, atc")
-    for name in names:
-        get_scorer(name)
-    pools = _capacities(capacity)
-    if workload is not None:
-        the_tasks, pools = read_workload(workload), pools or {}
-    else:
-        assert scenario is not None
-        the_tasks, pools = generate(scenario, tasks=tasks, seed=seed, load=load, capacity=pools)
-    results: dict[str, dict[str, Any]] = {}
-    for name in names:
-        began = time.perf_counter()
-        result = run_simulation(the_tasks, pools, get_scorer(name))
-        figures = compute_metrics(the_tasks, result, pools)
-        figures["wall_s"] = round(time.perf_counter() - began, 3)
-        results[name] = figures
-    summary = {**summarize(the_tasks, pools), "capacity": pools}
-    if as_json:
-        _print_json({"policies": results, "workload": summary})
-        return
-    shown = {
-        "missed %": "missed_pct",
-        "w. tardiness": "weighted_tardiness",
-        "mean wait s": "mean_wait_s",
-        "p95 wait s": "p95_wait_s",
-        "slowdown": "mean_bounded_slowdown",
-        "makespan s": "makespan_s",
-        "µs/plan": "decide_cpu_us",
-        "wall s": "wall_s",
-    }
-    table = Table("policy", "done", *shown, "utilization")
-    for name, figures in results.items():
-        used = ", ".join(f"{pool} {value:.2f}" for pool, value in figures["utilization"].items())
-        table.add_row(
-            name,
-            f"{figures['completed']}/{figures['tasks']}",
-            *(f"{figures[key]:.1f}" for key in shown.values()),
-            used,
-        )
-    out.print(table)
+cli.command("simulate")(simulate_command)
 
 
 def _logging() -> None:

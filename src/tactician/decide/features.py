@@ -190,6 +190,7 @@ class Backlog:
         # Predictions: NaN until a predictor fills them in.
         self.p50 = column("p50", math.nan)
         self.p90 = column("p90", math.nan)
+        self.p10 = column("p10", math.nan)
         self.raw50 = column("raw50", math.nan)
         """p50 as the models gave it, before any online correction."""
         self.p_fail = column("p_fail", math.nan)

@@ -4,19 +4,19 @@ For each pool, at each instant:
 
 1. **Predict.** Each waiting task's duration as p50 and p90 (LightGBM quantiles on what was
    known at submission, corrected between refits by `Adapter`); without a model, the estimate
-   or the kind's median with a default spread.
+   or the kind's median with the spread seen in training (or a default one).
 2. **Triage deadlines** (Moore-Hodgson, generalised to a pool of m units): list the tasks with
    a deadline earliest first and project each one's start in a fluid model of the pool:
-   `now + R / m² + W / m` for R the work left of the running tasks and W the work ahead of it
-   (exact for one unit; for many, the first start comes after about R / m² and then the work
-   ahead drains m units at a time). While some task would finish late, the
-   longest task (duration x units / weight^α) at or before the first late one is set aside as
-   **lost**: it cannot be on time without making others late. A lost task stays lost.
-3. **Order.** Deadline tasks whose projected start leaves less slack than the pool's backlog
-   takes to clear are **urgent** and go first, earliest deadline first. Everything else is
-   ordered by expected weighted cost per unit of capacity (p50 x units / weight, Smith's rule),
-   which minimises waiting and slowdown. Lost tasks go last, shortest first, so they still
-   finish as soon as capacity allows.
+   `now + R / m^2 + W / m` for R the work left of the running tasks and W the work ahead of
+   it (exact for one unit; for many, the first start comes after about R / m^2 and then the
+   work ahead drains m units at a time). While some task would finish late, the costliest task
+   (duration x units / weight^a) at or before the first late one is set aside as **lost**: it
+   cannot be on time without making others late. A lost task stays lost.
+3. **Order.** Deadline tasks that would be late if they waited for the pool's backlog to
+   clear are **urgent** and go first, by due - p50 / 2 (between earliest deadline and least
+   slack). Everything else goes by expected cost per unit of capacity: Smith's rule with the
+   weights of bounded slowdown, on an optimistic duration (p10). Lost tasks
+   go last, in the same order, so they still finish as soon as capacity allows.
 
 This is the general policy of `tactician simulate --policy ai`: no per-workload settings. It
 learns from every finished task (`observe`) and refits its predictors every `refit_every`
@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from tactician.decide.decision import Reason
 from tactician.decide.features import Array, Backlog, FeatureSpec, KindHistory
@@ -37,6 +38,8 @@ from tactician.decide.scorers import DEFAULT_ESTIMATE, RankRequest, Rows, span_t
 from tactician.errors import InvalidInput
 
 URGENT, NORMAL, LOST = 0.0, 1.0, 2.0
+SLOWDOWN_TAU = 10.0
+"""Seconds below which a run counts as this long when ranking for slowdown."""
 BAND = 1e12
 """Rank offset per band: a band's ranks never meet the next one's."""
 
@@ -46,10 +49,15 @@ class Objective:
     """What the learned scorer trades off; part of the policy bundle."""
 
     weight_exponent: float = 0.0
-    """α: how much a task's weight protects it from being set aside (0: every deadline counts
+    """a: how much a task's weight protects it from being set aside (0: every deadline counts
     the same, as the missed-deadline count does; 1: in proportion to weight)."""
-    duration_quantile: float = 0.5
-    """Which predicted duration triage plans with (0.5: p50; 0.9: p90, more cautious)."""
+    optimism: float = 0.0
+    """Triage plans with p50 x (p50 / p90)^optimism: 0 plans with p50; 1 with about p10, so a
+    task is set aside only when even a short run would be late (noisy predictions)."""
+    lst: float = 0.5
+    """Urgent tasks go by due - lst x p50: 1 is least slack first, 0 earliest deadline first
+    (in between does best on the scenarios: least slack alone lets long tasks crowd out
+    short ones)."""
     max_iterations: int = 64
     """Tasks set aside per pool per ranking, at most (the rest wait for the next instant)."""
 
@@ -75,7 +83,8 @@ class Learned:
         self.history = KindHistory()
         self.adapter = Adapter()
         self._model_id = 0 if models is None else 1
-        self._lost: set[int] = set()
+        self._lost = np.zeros(0, dtype=bool)
+        """Per backlog row: set aside as unable to be on time (stays so)."""
         self._rows: list[int] = []
         self._duration: list[float] = []
         self._failed: list[bool] = []
@@ -160,11 +169,13 @@ class Learned:
                 low = backlog.fallback_duration(stale, DEFAULT_ESTIMATE)
                 backlog.p50[stale] = low
                 backlog.p90[stale] = low * math.exp(Z90 * 0.6)
+                backlog.p10[stale] = math.nan
                 backlog.ood[stale] = False
             else:
                 self.models.predict(backlog, stale, DEFAULT_ESTIMATE)
             backlog.raw50[stale] = backlog.p50[stale]
             factor = self.adapter.factors(backlog.kind[stale])
+            backlog.p10[stale] *= factor
             backlog.p50[stale] *= factor
             backlog.p90[stale] *= factor
             backlog.model[stale] = self._model_id
@@ -176,53 +187,63 @@ class Learned:
         if len(rows) == 0:
             return result
         pools = backlog.pool[rows]
+        if pools.min() == pools.max():
+            return self._rank_pool(request, rows, int(pools[0]))[0]
         for code in np.unique(pools):
             mine = np.flatnonzero(pools == code)
             result[mine] = self._rank_pool(request, rows[mine], int(code))[0]
         return result
 
+    def _lost_mask(self, rows: Rows) -> npt.NDArray[np.bool_]:
+        needed = int(rows.max()) + 1 if len(rows) else 0
+        if needed > len(self._lost):
+            grown = np.zeros(max(needed, 2 * len(self._lost)), dtype=bool)
+            grown[: len(self._lost)] = self._lost
+            self._lost = grown
+        return self._lost[rows]
+
     def _rank_pool(self, request: RankRequest, rows: Rows, pool: int) -> tuple[Array, Array]:
-        backlog, now = request.backlog, request.now
+        """Ranks and bands (URGENT, NORMAL, LOST) of the rows of one pool."""
+        backlog, now, objective = request.backlog, request.now, self.objective
         p50, p90 = self.predicted(backlog, rows)
-        q = p50 if self.objective.duration_quantile <= 0.5 else p90
         units = backlog.units[rows]
         weight = np.maximum(backlog.weight[rows], 1e-9)
         due = backlog.due[rows]
+        # Expected cost per unit of capacity, for slowdown: Smith's rule with weights
+        # 1 / max(p, tau), on an optimistic duration (p10, else p50^2 / p90): a task that may be
+        # short gains the most by going first.
+        p10 = backlog.p10[rows]
+        low = np.where(np.isnan(p10), p50 * p50 / p90, p10)
+        index = low * np.maximum(low, SLOWDOWN_TAU) * units / weight
         view = request.pools.get(pool)
-        capacity = None if view is None else view.capacity
-        lost = np.fromiter((int(r) in self._lost for r in rows), dtype=bool, count=len(rows))
-        spt = p50 * units / weight
-        if capacity is None:
-            return spt, np.full(len(rows), NORMAL)
-        m = float(capacity)
-        running = 0.0 if view is None else view.busy_work
-        has_due = ~np.isnan(due) & ~lost
-        order = np.flatnonzero(has_due)
+        lost = self._lost_mask(rows)
+        if view is None or view.capacity is None:
+            return index, np.full(len(rows), NORMAL)
+        m = float(view.capacity)
+        q = p50 * (p50 / p90) ** objective.optimism
+        order = np.flatnonzero(~np.isnan(due) & ~lost)
         order = order[np.argsort(due[order], kind="stable")]
         work = q[order] * units[order]
-        cost = work / weight[order] ** self.objective.weight_exponent
+        cost = work / weight[order] ** objective.weight_exponent
         keep = np.ones(len(order), dtype=bool)
-        start = np.zeros(len(order))
-        for _ in range(self.objective.max_iterations):
-            kept_work = np.where(keep, work, 0.0)
-            start = now + running / (m * m) + (np.cumsum(kept_work) - kept_work) / m
-            late = keep & (start + q[order] > due[order])
+        first_start = now + view.busy_work / (m * m)
+        for _ in range(objective.max_iterations):
+            kept = np.where(keep, work, 0.0)
+            late = keep & (first_start + (np.cumsum(kept) - kept) / m + q[order] > due[order])
             if not late.any():
                 break
             first = int(np.argmax(late))
-            candidates = np.where(keep[: first + 1], cost[: first + 1], -np.inf)
-            drop = int(np.argmax(candidates))
+            drop = int(np.argmax(np.where(keep[: first + 1], cost[: first + 1], -np.inf)))
             keep[drop] = False
-            self._lost.add(int(rows[order[drop]]))
             lost[order[drop]] = True
-        # Urgent: a kept deadline task that would be late if it waited for the whole backlog.
-        clear = (running + float((q * units)[~lost].sum())) / m
+            self._lost[rows[order[drop]]] = True
+        # Urgent: kept, and late if it waited for the whole backlog to clear.
+        clear = (view.busy_work + float((q * units)[~lost].sum())) / m
         band = np.full(len(rows), NORMAL)
         kept_rows = order[keep]
-        slack = due[kept_rows] - now - p90[kept_rows]
-        band[kept_rows[slack < clear]] = URGENT
+        band[kept_rows[due[kept_rows] - now - p90[kept_rows] < clear]] = URGENT
         band[lost] = LOST
-        within = np.where(band == URGENT, due - now, spt)
+        within = np.where(band == URGENT, due - objective.lst * p50, index)
         return band * BAND + within, band
 
     # --- explaining ------------------------------------------------------------------------

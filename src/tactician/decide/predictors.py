@@ -3,7 +3,7 @@
 `fit` takes the static feature rows of finished tasks (as a `Backlog` encoded them when the
 tasks arrived) and what happened, holds out the latest `valid_fraction` by finish time, and fits:
 
-    duration   LightGBM quantile regression of log(duration): p50 and p90
+    duration   LightGBM quantile regression of log(actual / baseline): p10, p50 and p90
     failure    LightGBM binary classifier, when the outcomes hold failures
     miss       P(duration > time left) from the p50/p90 spread (a log-normal through both)
 
@@ -105,6 +105,7 @@ class ModelSet:
     spec: FeatureSpec
     p50: lgb.Booster | None
     p90: lgb.Booster | None
+    p10: lgb.Booster | None
     failure: lgb.Booster | None
     validations: list[Validation]
     trained_from: float
@@ -117,6 +118,9 @@ class ModelSet:
     limit: float
     """Mean squared standardised distance above which a row is out of distribution."""
     kind_median: dict[int, float] = field(default_factory=dict)
+    spread: dict[int, float] = field(default_factory=dict)
+    """Per kind: log(p90 / p50) of actual / baseline in training: the baseline's own spread,
+    used when the duration model was refused."""
     version: str = ""
 
     def __post_init__(self) -> None:
@@ -130,19 +134,28 @@ class ModelSet:
     # --- predicting ------------------------------------------------------------------------
 
     def predict(self, backlog: Backlog, rows: npt.NDArray[np.int64], default: float) -> None:
-        """Fill p50, p90, p_fail and ood of `rows` (the backlog must be encoded with `spec`)."""
+        """Fill p10, p50, p90, p_fail and ood of `rows` (the backlog must be encoded with
+        `spec`); p10 stays NaN without its model."""
         if len(rows) == 0:
             return
         if backlog.spec != self.spec:
             raise InvalidInput(f"models {self.short} read other features than the backlog holds")
         x = backlog.static[rows]
         base = self.baseline(backlog, rows, default)
+        backlog.p10[rows] = math.nan
         if self.p50 is not None and self.p90 is not None:
             threads = _threads(len(rows))
             low = base * np.exp(self.p50.predict(x, num_threads=threads))
             high = np.maximum(base * np.exp(self.p90.predict(x, num_threads=threads)), low * 1.01)
+            if self.p10 is not None:
+                short = base * np.exp(self.p10.predict(x, num_threads=threads))
+                backlog.p10[rows] = np.minimum(short, low)
         else:
-            low, high = base, base * math.exp(Z90 * DEFAULT_SIGMA)
+            size = max(self.spread, default=-1) + 1
+            table = np.full(size + 1, Z90 * DEFAULT_SIGMA)
+            for code, value in self.spread.items():
+                table[code] = value
+            low, high = base, base * np.exp(table[np.minimum(backlog.kind[rows], size)])
         backlog.p50[rows] = low
         backlog.p90[rows] = high
         if self.failure is not None:
@@ -209,6 +222,7 @@ class ModelSet:
             "spec": self.spec.to_json(),
             "p50": None if self.p50 is None else self.p50.model_to_string(),
             "p90": None if self.p90 is None else self.p90.model_to_string(),
+            "p10": None if self.p10 is None else self.p10.model_to_string(),
             "failure": None if self.failure is None else self.failure.model_to_string(),
             "validations": [v.to_json() for v in self.validations],
             "trained_from": self.trained_from,
@@ -219,6 +233,7 @@ class ModelSet:
             "scale": self.scale,
             "limit": self.limit,
             "kind_median": {str(k): v for k, v in self.kind_median.items()},
+            "spread": {str(k): v for k, v in self.spread.items()},
         }
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
@@ -235,6 +250,7 @@ class ModelSet:
                 spec=spec,
                 p50=booster(body["p50"]),
                 p90=booster(body["p90"]),
+                p10=booster(body["p10"]),
                 failure=booster(body["failure"]),
                 validations=[Validation(**v) for v in body["validations"]],
                 trained_from=body["trained_from"],
@@ -245,6 +261,7 @@ class ModelSet:
                 scale=body["scale"],
                 limit=body["limit"],
                 kind_median={int(k): v for k, v in body["kind_median"].items()},
+                spread={int(k): v for k, v in body["spread"].items()},
             )
         except (KeyError, TypeError, ValueError, lgb.basic.LightGBMError) as exc:
             raise InvalidInput(f"not a model set: {exc}") from None
@@ -335,10 +352,17 @@ def fit(
         )
         return lgb.train({**PARAMS, **objective}, data, num_boost_round=ROUNDS)
 
+    spread = {}
+    for code in np.unique(kinds[train]):
+        residual = y[train][kinds[train] == code]
+        spread[int(code)] = max(
+            float(np.quantile(residual, 0.9) - np.quantile(residual, 0.5)), Z90 * MIN_SIGMA
+        )
     validations: list[Validation] = []
     actual = outcomes.duration[valid]
     p50 = booster({"objective": "quantile", "alpha": 0.5}, y)
     p90 = booster({"objective": "quantile", "alpha": 0.9}, y)
+    p10 = booster({"objective": "quantile", "alpha": 0.1}, y)
     base = baseline_duration(valid)
     predicted = base * np.exp(p50.predict(x[valid]))
     upper = np.maximum(base * np.exp(p90.predict(x[valid])), predicted * 1.01)
@@ -365,6 +389,18 @@ def fit(
             "coverage",
             float(np.mean(actual <= upper)),
             0.9,
+            "target coverage",
+            len(valid),
+            duration_ok,
+        )
+    )
+    lower = np.minimum(base * np.exp(p10.predict(x[valid])), predicted)
+    validations.append(
+        Validation(
+            "duration_p10",
+            "coverage",
+            float(np.mean(actual <= lower)),
+            0.1,
             "target coverage",
             len(valid),
             duration_ok,
@@ -433,6 +469,7 @@ def fit(
         spec=spec,
         p50=p50 if duration_ok else None,
         p90=p90 if duration_ok else None,
+        p10=p10 if duration_ok else None,
         failure=failure,
         validations=validations,
         trained_from=float(outcomes.finished_at.min()),
@@ -443,6 +480,7 @@ def fit(
         scale=scale,
         limit=limit,
         kind_median=kind_median,
+        spread=spread,
     )
 
 
@@ -450,7 +488,7 @@ class Adapter:
     """Between refits: per kind, an exponentially weighted mean of log(actual / predicted p50),
     applied as a factor to new predictions (river's EWMean)."""
 
-    def __init__(self, fading: float = 0.05, min_seen: int = 20) -> None:
+    def __init__(self, fading: float = 0.01, min_seen: int = 50) -> None:
         self.fading = fading
         self.min_seen = min_seen
         self._means: dict[int, river_stats.EWMean] = {}

@@ -98,7 +98,7 @@ class Fifo:
 
     def explain(self, request: RankRequest) -> list[Reason]:
         seq = int(request.backlog.seq[request.rows[0]])
-        return [Reason("order", 1.0, f"submitted {seq + 1}th")]
+        return [Reason("order", 1.0, f"number {seq + 1} in submission order")]
 
 
 class Edf:

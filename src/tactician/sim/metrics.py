@@ -6,7 +6,8 @@ weighted_tardiness     Σ weight · max(0, finish - due_at) over finished tasks 
 mean_wait_s, p95_wait  start - release_at over started tasks (p95: nearest rank)
 mean_bounded_slowdown  mean of max(1, (wait + run) / max(run, 10 s)) over finished tasks
 makespan_s             last finish - first submission
-utilization            per bounded pool: busy units · s / (capacity · makespan)
+utilization            per bounded pool: busy units · s / (capacity · makespan); for a pool with
+                       a calendar (shifts), over the capacity in force at each instant
 decide_cpu_us          scheduler CPU time (ranking and planning) per planning call
 """
 
@@ -28,8 +29,27 @@ def _p95(values: Sequence[float]) -> float:
     return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
 
 
+def _offered(
+    units: int, changes: Sequence[tuple[float, int]] | None, start: float, end: float
+) -> float:
+    """Unit-seconds a pool offered over [start, end]: its capacity in force at each instant
+    (`units` before the calendar's first change, or throughout without a calendar)."""
+    if not changes:
+        return units * (end - start)
+    total, at, current = 0.0, start, units
+    for when, cap in sorted(changes):
+        if when > at:
+            total += current * (min(when, end) - at)
+            at = min(when, end)
+        current = cap
+    return total + current * max(0.0, end - at)
+
+
 def compute_metrics(
-    tasks: Sequence[WorkloadTask], result: SimResult, capacity: Mapping[str, int]
+    tasks: Sequence[WorkloadTask],
+    result: SimResult,
+    capacity: Mapping[str, int],
+    calendar: Mapping[str, Sequence[tuple[float, int]]] | None = None,
 ) -> dict[str, Any]:
     """The figures above for one simulation of `tasks`."""
     waits: list[float] = []
@@ -71,8 +91,11 @@ def compute_metrics(
         "mean_bounded_slowdown": round(sum(slowdowns) / len(slowdowns), 4) if slowdowns else 0.0,
         "makespan_s": round(makespan, 3),
         "utilization": {
-            pool: round(busy.get(pool, 0.0) / (units * makespan), 4) if makespan > 0 else 0.0
+            pool: round(busy.get(pool, 0.0) / offered, 4) if offered > 0 else 0.0
             for pool, units in sorted(capacity.items())
+            for offered in [
+                _offered(units, (calendar or {}).get(pool), first_submit, first_submit + makespan)
+            ]
         },
         "decide_cpu_us": round(result.decide_cpu_us, 3),
         "planning_calls": result.planning_calls,

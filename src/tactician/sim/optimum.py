@@ -46,11 +46,13 @@ OBJECTIVES = ("missed", "weighted_tardiness", "slowdown")
 RESOLUTIONS = (1.0, 0.1, 0.01, 0.001)
 """Candidate tick lengths in seconds, coarsest first."""
 WEIGHT_SCALES = (1, 10, 100, 1000)
-"""Candidate multipliers that make weights integers, smallest first."""
+"""Candidate multipliers that make weights integers, smallest first (else rounded at 1000)."""
 SLOWDOWN_PRECISION = 1000
 """Each task's slowdown coefficient is an integer of at least this: relative error <= 1/1000."""
 SEED = 0
-"""CP-SAT's random seed: a search that ends by proof gives the same answer on every run."""
+"""CP-SAT's random seed. A search that ends by proof gives the same value on every run (and,
+with one worker, the same schedule); one cut by the time limit may vary with the machine's load.
+"""
 
 _GRID_TOLERANCE = 1e-6
 
@@ -64,7 +66,10 @@ class Optimum:
     objective_value: float
     """The objective of `records`, computed as `sim.metrics` computes it."""
     optimal: bool
-    """True when CP-SAT proved that no schedule is better (for `missed`: no fewer misses)."""
+    """True when CP-SAT proved that no schedule is better (for `missed`: has fewer misses).
+
+    Off the tick grid, or for `slowdown` (coefficients rounded to 1/1000), proven for the model.
+    """
     bound: float
     """No schedule does better than this (in the objective's own units)."""
     wall_s: float
@@ -378,13 +383,20 @@ def _build(instance: _Instance, objective: str, grid: _Grid, hint: Sequence[int]
         tau = round(SLOWDOWN_TAU / grid.tick)
         scale = [max(d, tau) for d in duration]
         big = SLOWDOWN_PRECISION * max(scale, default=1)
+        offset = 0
         for i in range(len(tasks)):
+            if duration[i] >= tau:
+                # end - release >= duration = scale: the max with 1 never bites. Ends in the
+                # objective let the LP's completion-time cuts see it.
+                terms.append((big // scale[i]) * ends[i])
+                offset += (big // scale[i]) * release[i]
+                continue
             # flow >= max(scale, end - release): the bounded slowdown times `scale`.
             flow = model.new_int_var(scale[i], max(scale[i], horizon - release[i]), f"f{i}")
             model.add(flow >= ends[i] - release[i])
             model.add_hint(flow, max(scale[i], hinted_end[i] - release[i]))
             terms.append((big // scale[i]) * flow)
-        model.minimize(cp_model.LinearExpr.sum(terms))
+        model.minimize(cp_model.LinearExpr.sum(terms) - offset)
         # Coefficients are rounded down: objective / big never exceeds the true sum.
         return _Model(model, starts, 1.0 / (big * max(1, len(tasks))))
     if objective == "weighted_tardiness":
@@ -474,6 +486,13 @@ def _solver(seconds: float, workers: int) -> cp_model.CpSolver:
     solver.parameters.max_time_in_seconds = max(0.0, seconds)
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = SEED
+    if workers <= 2:
+        # The full-problem search with the strongest LP (completion-time and energy cuts) and,
+        # with two workers, LNS beside it: better bounds and schedules than the default here.
+        if workers == 1:
+            solver.parameters.linearization_level = 2
+        else:
+            solver.parameters.subsolvers.append("max_lp")
     return solver
 
 
@@ -487,13 +506,12 @@ def _checked(status: cp_model.CpSolverStatus, model: cp_model.CpModel) -> cp_mod
 
 @dataclass
 class _Search:
-    """The best schedule so far (as a start order) and what is proven."""
+    """The best schedule so far, as a start order, and its (objective, tie-break)."""
 
     instance: _Instance
     objective: str
     value: tuple[float, float]
     order: list[int]
-    bound: float = -math.inf
 
     def offer(self, order: list[int]) -> bool:
         value = _value(self.instance.tasks, *_serial_schedule(self.instance, order), self.objective)
@@ -569,6 +587,8 @@ def offline_optimum(
     else:
         bound = solver.best_objective_bound * built.to_value
     value = search.value[0]
+    if value < bound <= value + 1e-9 * max(1.0, value):
+        bound = value  # rounding in the conversion back to seconds
     optimal = (solved and status == cp_model.OPTIMAL) or value <= bound
     starts, finishes = _serial_schedule(instance, search.order)
     records = {t.id: TaskRecord(t.id, starts[i], finishes[i]) for i, t in enumerate(tasks)}

@@ -17,7 +17,8 @@ from tactician.decide.features import Backlog
 from tactician.decide.learned import Learned
 from tactician.decide.scorers import SCORERS, Scorer
 from tactician.errors import InvalidInput
-from tactician.sim.simulator import SimOptions, scored
+from tactician.sim.history import feed, from_workload
+from tactician.sim.simulator import SimOptions
 from tactician.sim.workload import WorkloadTask
 
 
@@ -57,22 +58,9 @@ def pretrain(learner: Learned, history: Sequence[WorkloadTask]) -> Backlog:
     """Teach `learner` the outcomes of `history` as if recorded by a live system: each task
     started at its release and ran for its duration. Returns the backlog holding their rows,
     for the simulation to continue from."""
-    backlog = Backlog()
-    ordered = sorted(history, key=lambda t: (t.submit_at, t.id))
-    learning, learner.learn = learner.learn, True
-    learner.next_fit = len(ordered) + 1
-    for seq, task in enumerate(ordered):
-        row = backlog.add(scored(task, seq), learner.history)
-        learner.observe(
-            backlog,
-            row,
-            task.duration,
-            failed=False,
-            started_at=task.release_at,
-            finished_at=task.release_at + task.duration,
-        )
-    learner.next_fit, learner.learn = 2 * len(ordered) + 1, learning
-    if len(ordered):
+    records = from_workload(history)
+    backlog = feed(learner, records)
+    if records:
         learner.refit(backlog)
     # Rows of the history are never ranked: mark them so predictions skip them.
     backlog.model[: len(backlog)] = np.iinfo(np.int64).min

@@ -364,20 +364,28 @@ class _Run:
         p50 = self.backlog.p50[rows]
         return np.where(np.isnan(p50), durations(self.backlog, rows), p50)
 
-    def _may_start(
-        self, order: np.ndarray, rows: np.ndarray, free: int, reserve: bool
+    def _fitting(
+        self, rows: np.ndarray, ranks: np.ndarray, seqs: np.ndarray, free: int, limit: int
     ) -> np.ndarray:
-        """The ordered positions worth offering: those that fit the free units and, with
-        reservations, the first that does not fit once the ones before it have started (the
-        head), then only those that fit what the head leaves."""
+        """Positions worth offering, best first: greedy first fit starts at most free // u
+        tasks of u units, and those are the best of their size."""
+        units = self.backlog.units[rows]
+        sizes = [units[0]] if len(units) and units.min() == units.max() else np.unique(units)
+        lanes = [
+            _best(np.flatnonzero(units == u), ranks, seqs, min(limit, free // int(u)))
+            for u in sizes
+            if u <= free
+        ]
+        if not lanes:
+            return np.empty(0, dtype=np.int64)
+        chosen = np.concatenate(lanes)
+        return chosen[np.lexsort((seqs[chosen], ranks[chosen]))]
+
+    def _may_start(self, order: np.ndarray, rows: np.ndarray, free: int) -> np.ndarray:
+        """With reservations: the ordered positions that fit the free units, then the first
+        that does not once those before it have started (the head, which gets the
+        reservation), then only those that fit what the head leaves."""
         units = self.backlog.units[rows[order]]
-        if not reserve:
-            # Greedy first fit starts at most free // u tasks of u units: offer no more.
-            chosen = [
-                np.flatnonzero(units == u)[: free // int(u)]
-                for u in np.unique(units[units <= free])
-            ]
-            return order[np.sort(np.concatenate(chosen))] if chosen else order[:0]
         before = np.cumsum(units)
         over = np.flatnonzero(before > free)
         if len(over) == 0:
@@ -432,14 +440,16 @@ class _Run:
         if self.scan:
             rows = self.waiting[pool].view()
             ranks = self.scorer.rank(RankRequest(self.backlog, rows, now, pools))
-            limit = self.options.max_candidates
-            if len(rows) > limit:
-                best = np.argpartition(ranks, limit)[:limit]
-                rows, ranks = rows[best], ranks[best]
             seqs = self.backlog.seq[rows]
-            order = np.lexsort((seqs, ranks))
-            if cap is not None:
-                order = self._may_start(order, rows, cap - self.used.get(pool, 0), reserve)
+            limit = self.options.max_candidates
+            if cap is not None and not reserve:
+                order = self._fitting(rows, ranks, seqs, cap - self.used.get(pool, 0), limit)
+            else:
+                order = _best(np.arange(len(rows)), ranks, seqs, limit)
+                if cap is not None:
+                    order = self._may_start(order, rows, cap - self.used.get(pool, 0))
+            if len(order) >= limit and len(rows) > len(order):
+                capped.add(pool)  # more may fit than were offered: plan again at this instant
             entries = ((float(ranks[k]), int(seqs[k]), self.index_of[int(rows[k])]) for k in order)
         else:
             room = None if cap is None else cap - self.used.get(pool, 0)
@@ -470,6 +480,20 @@ class _Run:
             yield Candidate(
                 str(i), task.kind, pool, units, None, f"sim:{task.kind}", rank, expected
             )
+
+
+def _best(positions: np.ndarray, ranks: np.ndarray, seqs: np.ndarray, k: int) -> np.ndarray:
+    """The k positions with the lowest (rank, seq), best first; in O(n) when k is small."""
+    if k <= 0 or len(positions) == 0:
+        return positions[:0]
+    if len(positions) > k:
+        values = ranks[positions]
+        kth = np.partition(values, k - 1)[k - 1]
+        below = positions[values < kth]
+        tied = positions[values == kth]
+        tied = tied[np.argsort(seqs[tied], kind="stable")][: k - len(below)]
+        positions = np.concatenate([below, tied])
+    return positions[np.lexsort((seqs[positions], ranks[positions]))]
 
 
 def simulate(

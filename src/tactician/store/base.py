@@ -34,6 +34,7 @@ from tactician.settings import Settings
 from tactician.store.protocol import (
     Finish,
     HeartbeatReply,
+    OutcomeRow,
     Planner,
     PlanReport,
     PoolUsage,
@@ -44,6 +45,7 @@ from tactician.store.protocol import (
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 NO_DUE = 1e15  # the EDF key of a task without a deadline: after every real one
+MAX_OUTCOMES = 1_000_000  # finished attempts read at once for training
 TASK_COLUMNS = (
     "id, kind, payload, state, created_at, release_at, due_at, weight, estimate, attempt, "
     "tenant, source, idempotency_key, pool, units, concurrency_key, target, tags, run_at, "
@@ -352,6 +354,33 @@ class SqlStore:
             )
             return [Attempt(*row) for row in cur.fetchall()]
 
+    def outcomes(self, since: float | None = None, limit: int = 100_000) -> list[OutcomeRow]:
+        """The latest `limit` finished attempts (finished at or after `since`), oldest first.
+
+        Succeeded, failed and timed-out attempts only: a lost attempt's run time is unknown
+        and a cancelled one was stopped by an operator.
+        """
+        if not 1 <= limit <= MAX_OUTCOMES:
+            raise InvalidInput(f"limit must be between 1 and {MAX_OUTCOMES}")
+        where, params = "", []
+        if since is not None:
+            if not math.isfinite(since):
+                raise InvalidInput(f"since must be a finite time, got {since}")
+            where, params = " AND a.finished_at >= ?", [float(since)]
+        with self._read() as cur:
+            cur.execute(
+                "SELECT t.id, t.kind, t.payload, t.created_at, t.release_at, t.due_at, "
+                "t.weight, t.estimate, t.pool, t.units, t.tenant, a.attempt, a.started_at, "
+                "a.finished_at, a.outcome FROM attempts a JOIN tasks t ON t.id = a.task_id "
+                "WHERE a.outcome IN ('succeeded', 'failed', 'timeout') "
+                f"AND a.started_at IS NOT NULL{where} "
+                f"ORDER BY a.finished_at DESC, a.task_id DESC, a.token DESC LIMIT {int(limit)}",
+                params,
+            )
+            rows = cur.fetchall()
+        rows.reverse()
+        return [_outcome_row(row) for row in rows]
+
     # --- operators -------------------------------------------------------------------------
 
     def cancel(self, task_id: str) -> Task:
@@ -496,7 +525,7 @@ class SqlStore:
                 "WHERE state = 'ready' ORDER BY due_sort, id "
                 f"LIMIT {min(self.settings.plan_batch, 4 * room)}"
             )
-            candidates = list(map(Candidate._make, cur.fetchall()))
+            candidates = [Candidate(*row) for row in cur.fetchall()]
             if not candidates:
                 return PlanReport()
             view, targets = self._capacity_view(cur, candidates, kinds, now)
@@ -917,6 +946,27 @@ def _task_row(task_id: str, task: NewTask, kind: KindSpec, now: float) -> tuple[
         1 if task.depends_on else 0,
         due_sort,
         task.schedule,
+    )
+
+
+def _outcome_row(row: Sequence[Any]) -> OutcomeRow:
+    payload = json.loads(row[2])
+    return OutcomeRow(
+        task_id=row[0],
+        kind=row[1],
+        payload=payload if isinstance(payload, dict) else {},
+        created_at=float(row[3]),
+        release_at=float(row[4]),
+        due_at=None if row[5] is None else float(row[5]),
+        weight=float(row[6]),
+        estimate=None if row[7] is None else float(row[7]),
+        pool=row[8],
+        units=int(row[9]),
+        tenant=row[10],
+        attempt=int(row[11]),
+        started_at=float(row[12]),
+        finished_at=float(row[13]),
+        outcome=row[14],
     )
 
 

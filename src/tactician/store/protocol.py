@@ -78,6 +78,37 @@ class TaskFilter:
     after_id: str | None = None
 
 
+@dataclass(frozen=True)
+class OutcomeRow:
+    """One finished attempt of a task: what was known when it was submitted, and what happened.
+
+    The training data of the predictors. `started_at` is the worker's clock and `finished_at`
+    the database's, so a duration carries their skew (small next to most tasks' run times).
+    """
+
+    task_id: str
+    kind: str
+    payload: dict[str, Any]
+    created_at: float
+    release_at: float
+    due_at: float | None
+    weight: float
+    estimate: float | None
+    pool: str
+    units: int
+    tenant: str
+    attempt: int
+    """1 for the first attempt."""
+    started_at: float
+    finished_at: float
+    outcome: str
+    """succeeded | failed | timeout (lost and cancelled attempts are not outcomes)."""
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome != "succeeded"
+
+
 class Store(Protocol):
     url: str
 
@@ -106,6 +137,10 @@ class Store(Protocol):
     def counts(self) -> dict[str, int]: ...
 
     def attempts(self, task_id: str) -> list[Attempt]: ...
+
+    def outcomes(self, since: float | None = None, limit: int = 100_000) -> list[OutcomeRow]:
+        """The latest `limit` finished attempts (finished at or after `since`), oldest first."""
+        ...
 
     # operators
     def cancel(self, task_id: str) -> Task: ...

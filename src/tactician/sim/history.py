@@ -1,0 +1,117 @@
+"""Recorded history: finished attempts as a learner sees them, from a trace or from a database.
+
+A `Recorded` is one finished attempt: what a scheduler knew of the task when it was submitted (a
+`ScoredTask`, never its true run time) and what happened (when it started, how long it ran,
+whether it failed). `feed` teaches a learner these outcomes in submission order, as a live
+system would have recorded them; `fit_recorded` fits a model set on them the way the learned
+scorer refits, with a held-out window to validate against. The simulator's pretraining and
+`tactician train` both go through here, so both learn from the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tactician.decide.features import Backlog, FeatureSpec, FeatureValue, ScoredTask
+from tactician.decide.learned import Learned
+from tactician.decide.predictors import ModelSet, fit
+from tactician.decide.scorers import DEFAULT_ESTIMATE
+from tactician.sim.simulator import scored
+from tactician.sim.workload import WorkloadTask
+from tactician.store.protocol import OutcomeRow
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """One finished attempt."""
+
+    task: ScoredTask
+    started_at: float
+    duration: float
+    failed: bool = False
+
+    @property
+    def finished_at(self) -> float:
+        return self.started_at + self.duration
+
+
+def from_workload(tasks: Iterable[WorkloadTask]) -> list[Recorded]:
+    """A trace as recorded history: each task started at its release and ran its duration."""
+    ordered = sorted(tasks, key=lambda t: (t.submit_at, t.id))
+    return [
+        Recorded(scored(task, seq), task.release_at, task.duration)
+        for seq, task in enumerate(ordered)
+    ]
+
+
+def payload_features(payload: Mapping[str, Any]) -> dict[str, FeatureValue]:
+    """The features a live task carries: the numbers, strings and booleans at the top of its
+    payload (nested values and nulls are not features)."""
+    return {
+        name: value
+        for name, value in payload.items()
+        if isinstance(value, str | bool | int | float) and value == value  # no NaN
+    }
+
+
+def from_store(rows: Iterable[OutcomeRow]) -> list[Recorded]:
+    """A store's finished attempts as recorded history, in submission order (then attempt)."""
+    ordered = sorted(rows, key=lambda r: (r.created_at, r.task_id, r.attempt))
+    return [
+        Recorded(
+            ScoredTask(
+                id=row.task_id,
+                kind=row.kind,
+                seq=seq,
+                submit_at=row.created_at,
+                release_at=row.release_at,
+                due_at=row.due_at,
+                weight=row.weight,
+                estimate=row.estimate,
+                units=row.units,
+                pool=row.pool,
+                tenant=row.tenant,
+                attempt=row.attempt - 1,
+                features=payload_features(row.payload),
+            ),
+            started_at=row.started_at,
+            duration=max(0.0, row.finished_at - row.started_at),
+            failed=row.failed,
+        )
+        for seq, row in enumerate(ordered)
+    ]
+
+
+def feed(learner: Learned, records: Sequence[Recorded]) -> Backlog:
+    """Teach `learner` these outcomes, in the given (submission) order, without refitting.
+
+    Each task's row is encoded with the kind history as it stood when the task arrived.
+    Returns the backlog holding their rows (whose `features` the caller may respec)."""
+    backlog = Backlog()
+    learning, learner.learn = learner.learn, True
+    learner.next_fit = len(records) + 1
+    for record in records:
+        row = backlog.add(record.task, learner.history)
+        learner.observe(
+            backlog,
+            row,
+            record.duration,
+            failed=record.failed,
+            started_at=record.started_at,
+            finished_at=record.finished_at,
+        )
+    learner.next_fit, learner.learn = 2 * len(records) + 1, learning
+    return backlog
+
+
+def fit_recorded(records: Sequence[Recorded], *, valid_fraction: float = 0.2) -> ModelSet:
+    """A model set fitted on `records` as the learned scorer refits (the same features, the
+    same baselines), holding out the latest `valid_fraction` by finish time. Refused
+    predictors are left out of the set, which is returned either way."""
+    learner = Learned()
+    backlog = feed(learner, records)
+    backlog.respec(FeatureSpec.infer(record.task.features for record in records))
+    outcomes = learner.outcomes()
+    return fit(backlog, outcomes, valid_fraction=valid_fraction, default_duration=DEFAULT_ESTIMATE)
