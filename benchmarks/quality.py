@@ -227,7 +227,8 @@ def main() -> None:
         "## Small instances against the offline optimum (CP-SAT, clairvoyant)",
         "",
         "60 tasks after a 340-task history, a pool of a few units (constant capacity), "
-        f"load {SMALL_LOAD}; the optimum knows every true duration and arrival. The optimum's figure "
+        f"load {SMALL_LOAD}; "
+        "the optimum knows every true duration and arrival. The optimum's figure "
         "is the best schedule CP-SAT found in 20 s (proven optimal in the count shown).",
         "",
         *small_lines,
