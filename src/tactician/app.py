@@ -14,11 +14,13 @@ from tactician.domain import ExecutorKind, KindSpec, NewTask, RateLimit, RetryPo
 from tactician.errors import InvalidInput, UnknownKind
 from tactician.run.executors import Handler
 from tactician.run.planner import PlannerService
+from tactician.run.ranking import LiveRanker, make_scorer
 from tactician.run.worker import Worker, WorkerOptions
 from tactician.settings import Settings
 from tactician.store.base import SqlStore
 from tactician.store.open import open_store
 from tactician.store.protocol import TaskFilter
+from tactician.store.registry import ModelRegistry
 
 F = TypeVar("F", bound=Callable[..., Any])
 When = float | dt.datetime | dt.timedelta | None
@@ -202,8 +204,16 @@ class Tactician:
 
         self.store  # noqa: B018 (registers kinds and pools before the first tick)
         return PlannerService(
-            self.store, self.settings, hooks=(ScheduleService(self.store, self).fire_due,)
+            self.store,
+            self.settings,
+            ranker=self.ranker(),
+            hooks=(ScheduleService(self.store, self).fire_due,),
         )
+
+    def ranker(self) -> LiveRanker:
+        """The decision service's scorer (settings.scorer) with the registry's active models."""
+        models = ModelRegistry(self.settings.models_dir).active()
+        return LiveRanker(make_scorer(self.settings.scorer, models), models)
 
     def run_worker(self, options: WorkerOptions | None = None) -> None:
         """Run a worker in this process until SIGTERM or SIGINT."""

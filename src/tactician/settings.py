@@ -31,6 +31,8 @@ class Settings:
     show that the check sees the fault."""
     sqlite_synchronous: str = "NORMAL"
     """NORMAL survives a kill -9 of any process (WAL); FULL also survives power loss."""
+    scorer: str = "learned"
+    """The decision service's scorer for the live planner: fifo, edf, wspt, atc, learned."""
     models_dir: str = ".tactician/models"
     """Where the model registry keeps versioned model sets (TACTICIAN_MODELS_DIR)."""
 

@@ -20,7 +20,7 @@ from tactician.app import Tactician
 from tactician.cli.models import register as register_models
 from tactician.cli.simulate import CapacityOption, parse_capacities
 from tactician.cli.simulate import simulate as simulate_command
-from tactician.domain import Task
+from tactician.domain import Task, TaskState
 from tactician.errors import InvalidInput, TacticianError
 from tactician.run.worker import WorkerOptions
 from tactician.settings import Settings
@@ -289,6 +289,121 @@ def tasks_retry(task_id: str, db: DbOption = None, as_json: JsonOption = False) 
         _print_json(_task_json(task))
     else:
         out.print(f"{task_id}: {task.state}")
+
+
+@tasks_cli.command("why")
+def tasks_why(task_id: str, db: DbOption = None, as_json: JsonOption = False) -> None:
+    """Why a task waits: its decision, pending reason and score broken down by factor."""
+    from tactician.decide.service import DecidePolicy, decide, pending_reason
+    from tactician.plan.capacity import CapacityView
+    from tactician.store.protocol import ReadyRow
+
+    app = _open(db)
+    task = app.get(task_id)
+    if task.state.is_final or task.state is TaskState.RUNNING:
+        where = f" on {task.worker_id}" if task.worker_id else ""
+        text = f"{task_id} is {task.state}{where}: no decision pending"
+        _print_json({"id": task_id, "state": str(task.state)}) if as_json else out.print(text)
+        return
+    waiting = app.store.waiting(app.settings.plan_batch)
+    if all(w.id != task_id for w in waiting):
+        waiting.append(
+            ReadyRow(
+                task.id,
+                task.kind,
+                task.pool,
+                task.units,
+                task.concurrency_key,
+                task.target,
+                0.0,
+                task.created_at,
+                task.release_at,
+                task.due_at,
+                task.weight,
+                task.estimate,
+                task.tenant,
+                task.attempt,
+                str(task.state),
+            )
+        )
+    usage = app.store.pools()
+    view = CapacityView(
+        pool_capacity={u.pool.name: u.pool.capacity for u in usage},
+        pool_used={u.pool.name: u.used for u in usage},
+    )
+    ranker = app.ranker()
+    now = app.store.db_now()
+    snapshot, rows = ranker.snapshot(waiting, view, now)
+    row = rows[task_id]
+    decisions = decide(
+        snapshot,
+        ranker.scorer,
+        DecidePolicy(),
+        model_version=ranker.model_version,
+        explain=[row],
+    )
+    decision = next(d for d in decisions if d.task_id == task_id)
+    reason = pending_reason(snapshot, row, decision)
+    if as_json:
+        _print_json(
+            {
+                "id": task_id,
+                "state": str(task.state),
+                "pending_reason": reason,
+                "decision": {
+                    "action": str(decision.action),
+                    "score": decision.score,
+                    "confidence": decision.confidence,
+                    "tier": int(decision.tier),
+                    "scorer": ranker.scorer.name,
+                    "model_version": decision.model_version,
+                    "policy_version": decision.policy_version,
+                    "defer_until": decision.defer_until,
+                    "merge_into": decision.merge_into,
+                    "note": decision.note,
+                    "reasons": [asdict(r) for r in decision.reasons],
+                },
+            }
+        )
+        return
+    out.print(f"[bold]{task_id}[/bold] ({task.kind}) is {task.state}: {reason}")
+    out.print(
+        f"decision: {decision.action} · score {decision.score:.3f} (1 = next) · confidence "
+        f"{decision.confidence:.2f} · tier {int(decision.tier)} · scorer {ranker.scorer.name} "
+        f"· models {decision.model_version or 'none'} · policy {decision.policy_version}"
+    )
+    if decision.note:
+        out.print(f"note: {decision.note}")
+    table = Table("factor", "contribution", "why")
+    for r in decision.reasons:
+        table.add_row(r.factor, f"{r.contribution:.4g}", r.text)
+    out.print(table)
+
+
+@tasks_cli.command("reprioritize")
+def tasks_reprioritize(
+    task_id: str,
+    db: DbOption = None,
+    weight: Annotated[
+        float | None, typer.Option(help="New weight (value of being on time).")
+    ] = None,
+    due: Annotated[
+        str | None,
+        typer.Option("--due-at", help="New deadline: epoch seconds, ISO 8601 or +seconds."),
+    ] = None,
+    no_due: Annotated[bool, typer.Option("--no-due", help="Remove the deadline.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Change a queued or running task's weight or deadline; the planner re-scores it at once."""
+    if due is not None and no_due:
+        raise InvalidInput("give --due-at or --no-due, not both")
+    task = _open(db).store.reprioritize(
+        task_id, weight=weight, due_at=_time(due, "due-at"), clear_due=no_due
+    )
+    if as_json:
+        _print_json(_task_json(task))
+    else:
+        out.print(f"{task_id}: weight {task.weight:g}, due {_fmt_time(task.due_at)}")
 
 
 @cli.command()

@@ -165,37 +165,48 @@ class Backlog:
         self.vocabulary = vocabulary or Vocabulary()
         self.tasks: list[ScoredTask] = []
         self._size = 0
+        self.ood: npt.NDArray[np.bool_] = np.zeros(0, dtype=np.bool_)
+        self.static: Array = np.zeros((0, len(self.spec.names)))
         self._grow(1024)
 
     def _grow(self, rows: int) -> None:
         old = self._size
         width = len(self.spec.names)
 
-        def column(name: str, fill: float, dtype: type = np.float64) -> npt.NDArray[np.generic]:
-            new = np.full(rows, fill, dtype=dtype)
+        def floats(name: str, fill: float) -> Array:
+            new = np.full(rows, fill, dtype=np.float64)
             if old:
                 new[:old] = getattr(self, name)[:old]
             return new
 
-        self.seq = column("seq", 0.0)
-        self.submit = column("submit", 0.0)
-        self.release = column("release", 0.0)
-        self.due = column("due", math.nan)
-        self.weight = column("weight", 1.0)
-        self.estimate = column("estimate", math.nan)
-        self.units = column("units", 1.0)
-        self.kind = column("kind", 0.0, np.int64)
-        self.pool = column("pool", 0.0, np.int64)
-        self.tenant = column("tenant", -1.0, np.int64)
+        def ints(name: str, fill: int) -> npt.NDArray[np.int64]:
+            new = np.full(rows, fill, dtype=np.int64)
+            if old:
+                new[:old] = getattr(self, name)[:old]
+            return new
+
+        self.seq = floats("seq", 0.0)
+        self.submit = floats("submit", 0.0)
+        self.release = floats("release", 0.0)
+        self.due = floats("due", math.nan)
+        self.weight = floats("weight", 1.0)
+        self.estimate = floats("estimate", math.nan)
+        self.units = floats("units", 1.0)
+        self.kind = ints("kind", 0)
+        self.pool = ints("pool", 0)
+        self.tenant = ints("tenant", -1)
         # Predictions: NaN until a predictor fills them in.
-        self.p50 = column("p50", math.nan)
-        self.p90 = column("p90", math.nan)
-        self.p10 = column("p10", math.nan)
-        self.raw50 = column("raw50", math.nan)
+        self.p50 = floats("p50", math.nan)
+        self.p90 = floats("p90", math.nan)
+        self.p10 = floats("p10", math.nan)
+        self.raw50 = floats("raw50", math.nan)
         """p50 as the models gave it, before any online correction."""
-        self.p_fail = column("p_fail", math.nan)
-        self.ood = column("ood", 0.0, np.bool_)
-        self.model = column("model", -1.0, np.int64)
+        self.p_fail = floats("p_fail", math.nan)
+        ood: npt.NDArray[np.bool_] = np.zeros(rows, dtype=np.bool_)
+        if old:
+            ood[:old] = self.ood[:old]
+        self.ood = ood
+        self.model = ints("model", -1)
         matrix = np.full((rows, width), math.nan)
         if old:
             matrix[:old, : self.static.shape[1]] = self.static[:old]

@@ -275,11 +275,12 @@ class Learned:
                 )
             )
         reasons.append(Reason("weight", weight, f"weight {weight:g}"))
+        ahead = int((ranks < ranks[at]).sum())
         reasons.append(
             Reason(
                 "position",
-                float(ranks[at]),
-                f"{int((ranks < ranks[at]).sum()) + 1} of {len(same)} in its pool",
+                1.0 - ahead / len(same),
+                f"{ahead + 1} of {len(same)} in its pool",
             )
         )
         if self.models is not None:

@@ -29,6 +29,7 @@ import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
 from river import stats as river_stats
+from scipy.special import ndtr  # type: ignore[import-untyped]  # scipy ships no stubs
 
 from tactician.decide.features import BASE_FEATURES, Array, Backlog, FeatureSpec
 from tactician.errors import InvalidInput
@@ -298,8 +299,6 @@ def miss_probability(p50: Array, p90: Array, time_left: Array) -> Array:
     sigma = np.maximum((np.log(p90) - np.log(p50)) / Z90, MIN_SIGMA)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = (np.log(np.maximum(time_left, 1e-9)) - np.log(p50)) / sigma
-    from scipy.special import ndtr
-
     result: Array = 1.0 - ndtr(z)
     result = np.where(time_left <= 0, 1.0, result)
     return np.where(np.isnan(time_left), np.nan, result)
@@ -415,7 +414,7 @@ def fit(
         prior = float(failed[train].mean())
         base_p = np.array([rates.get(int(k), prior) for k in kinds[valid]])
         loss, base_loss = (
-            _log_loss(model.predict(x[valid]), failed[valid]),
+            _log_loss(np.asarray(model.predict(x[valid]), dtype=np.float64), failed[valid]),
             _log_loss(base_p, failed[valid]),
         )
         accepted = loss < base_loss

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from tactician.domain import KindSpec
 from tactician.plan.capacity import plan_starts
 from tactician.settings import Settings
-from tactician.store.protocol import Planner, Store
+from tactician.store.protocol import Planner, Ranker, Store
 
 log = logging.getLogger("tactician.planner")
 
@@ -50,12 +50,15 @@ class PlannerService:
         settings: Settings,
         *,
         planner: Planner = plan_starts,
+        ranker: Ranker | None = None,
         hooks: tuple[TickHook, ...] = (),
         holder: str | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.planner = planner
+        self.ranker = ranker
+        """The decision service's scorer; None: earliest deadline first, as read."""
         self.hooks = hooks
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._kinds: Mapping[str, KindSpec] = {}
@@ -99,7 +102,7 @@ class PlannerService:
         kinds = self.kinds()
         started = 0
         while True:
-            plan = self.store.plan(self.planner, kinds)
+            plan = self.store.plan(self.planner, kinds, self.ranker)
             started += plan.started
             wake_in = plan.wake_in
             if plan.started < max(1, min(plan.considered, self.settings.plan_batch) // 2):

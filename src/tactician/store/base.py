@@ -38,6 +38,8 @@ from tactician.store.protocol import (
     Planner,
     PlanReport,
     PoolUsage,
+    Ranker,
+    ReadyRow,
     ReapReport,
     ScheduleRow,
     TaskFilter,
@@ -58,6 +60,11 @@ INSERT_COLUMNS = (
     "has_deps, rank, schedule"
 )
 ACTIVE = "('leased', 'running')"
+_READY_COLUMNS = (
+    "id, kind, pool, units, concurrency_key, target, due_sort, created_at, release_at, due_at, "
+    "weight, estimate, tenant, attempt, state"
+)
+"""The columns of a `ReadyRow`, in order (the first seven are a `Candidate`'s)."""
 # States a dependency can end in without succeeding: its dependents die too.
 FAILED_UPSTREAM = "('dead', 'cancelled', 'rejected', 'expired')"
 
@@ -417,6 +424,42 @@ class SqlStore:
             self._after_submit(cur)
             return self._get(cur, task_id)
 
+    def waiting(self, limit: int) -> list[ReadyRow]:
+        with self._read() as cur:
+            cur.execute(
+                f"SELECT {_READY_COLUMNS} FROM tasks "
+                "WHERE state IN ('pending', 'ready', 'retry_wait', 'leased') "
+                f"ORDER BY due_sort, id LIMIT {int(limit)}"
+            )
+            return [ReadyRow(*row) for row in cur.fetchall()]
+
+    def reprioritize(
+        self,
+        task_id: str,
+        *,
+        weight: float | None = None,
+        due_at: float | None = None,
+        clear_due: bool = False,
+    ) -> Task:
+        if weight is not None and not (weight > 0 and math.isfinite(weight)):
+            raise InvalidInput(f"weight must be a positive number, got {weight}")
+        if due_at is not None and not math.isfinite(due_at):
+            raise InvalidInput(f"due_at must be a finite time, got {due_at}")
+        if weight is None and due_at is None and not clear_due:
+            raise InvalidInput("nothing to change: give a weight, a deadline or clear it")
+        with self._tx() as cur:
+            task = self._get(cur, task_id, for_update=True)
+            if task.state.is_final:
+                raise Conflict(f"task {task_id} is already {task.state}")
+            new_weight = task.weight if weight is None else weight
+            new_due = None if clear_due else (task.due_at if due_at is None else due_at)
+            cur.execute(
+                "UPDATE tasks SET weight = ?, due_at = ?, due_sort = ? WHERE id = ?",
+                (new_weight, new_due, NO_DUE if new_due is None else new_due, task_id),
+            )
+            self._after_submit(cur)
+            return self._get(cur, task_id)
+
     # --- the planner -----------------------------------------------------------------------
 
     def try_lead(self, holder: str, ttl: float) -> bool:
@@ -511,8 +554,13 @@ class SqlStore:
                 self._after_submit(cur)
         return ReapReport(returned, dead, cancelled, max(0, undispatched))
 
-    def plan(self, planner: Planner, kinds: Mapping[str, KindSpec]) -> PlanReport:
-        """Grant capacity to the ready tasks the planner picks, in one transaction."""
+    def plan(
+        self, planner: Planner, kinds: Mapping[str, KindSpec], ranker: Ranker | None = None
+    ) -> PlanReport:
+        """Grant capacity to the ready tasks the planner picks, in one transaction.
+
+        The ready tasks are read earliest deadline first (up to the batch size); a `ranker`
+        then orders them, and its ranks become the order in which workers claim them."""
         with self._tx() as cur:
             self._serialise_planners(cur)
             now = self._now(cur)
@@ -521,14 +569,16 @@ class SqlStore:
             if room <= 0:
                 return PlanReport()
             cur.execute(
-                "SELECT id, kind, pool, units, concurrency_key, target, due_sort FROM tasks "
-                "WHERE state = 'ready' ORDER BY due_sort, id "
-                f"LIMIT {min(self.settings.plan_batch, 4 * room)}"
+                f"SELECT {_READY_COLUMNS} FROM tasks WHERE state = 'ready' "
+                f"ORDER BY due_sort, id LIMIT {min(self.settings.plan_batch, 4 * room)}"
             )
-            candidates = [Candidate(*row) for row in cur.fetchall()]
-            if not candidates:
+            rows = [ReadyRow(*row) for row in cur.fetchall()]
+            if not rows:
                 return PlanReport()
+            candidates = [Candidate(*row[:7]) for row in rows]
             view, targets = self._capacity_view(cur, candidates, kinds, now)
+            if ranker is not None:
+                candidates = _reranked(candidates, ranker(rows, view, now))
             plan = planner(candidates, view, now, room)
             if plan.starts:
                 expires = now + self.settings.dispatch_timeout
@@ -891,6 +941,19 @@ class SqlStore:
                     "WHERE state = 'leased' AND target = ?",
                     (target,),
                 )
+
+
+def _reranked(candidates: list[Candidate], ranks: Sequence[float]) -> list[Candidate]:
+    """Candidates in rank order, ties by deadline (as read), with ranks made strictly
+    increasing so that workers claim in exactly this order."""
+    order = sorted(range(len(candidates)), key=lambda k: (ranks[k], k))
+    result = []
+    previous = -math.inf
+    for k in order:
+        rank = max(float(ranks[k]), math.nextafter(previous, math.inf))
+        result.append(candidates[k]._replace(rank=rank))
+        previous = rank
+    return result
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

@@ -8,12 +8,36 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from tactician.domain import Attempt, Claim, KindSpec, NewTask, Pool, Result, TargetState, Task
 from tactician.plan.capacity import Candidate, CapacityView, Plan
 
 Planner = Callable[[list[Candidate], CapacityView, float, int], Plan]
+
+
+class ReadyRow(NamedTuple):
+    """A waiting task as a scorer needs it (a tuple: thousands are read per planning pass)."""
+
+    id: str
+    kind: str
+    pool: str
+    units: int
+    concurrency_key: str | None
+    target: str
+    due_sort: float
+    created_at: float
+    release_at: float
+    due_at: float | None
+    weight: float
+    estimate: float | None
+    tenant: str
+    attempt: int
+    state: str
+
+
+Ranker = Callable[[Sequence[ReadyRow], CapacityView, float], Sequence[float]]
+"""Ranks a planning pass's ready tasks (lower starts first): the decision service's scorer."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +180,25 @@ class Store(Protocol):
 
     def reap(self) -> ReapReport: ...
 
-    def plan(self, planner: Planner, kinds: Mapping[str, KindSpec]) -> PlanReport: ...
+    def plan(
+        self, planner: Planner, kinds: Mapping[str, KindSpec], ranker: Ranker | None = None
+    ) -> PlanReport: ...
+
+    def waiting(self, limit: int) -> list[ReadyRow]:
+        """Tasks not yet started (pending, ready, retry_wait, leased), earliest due first."""
+        ...
+
+    def reprioritize(
+        self,
+        task_id: str,
+        *,
+        weight: float | None = None,
+        due_at: float | None = None,
+        clear_due: bool = False,
+    ) -> Task:
+        """Change a waiting or running task's weight or deadline; the next planning pass
+        ranks it anew (and is woken for it)."""
+        ...
 
     # schedules
     def save_schedule(self, name: str, spec: Mapping[str, Any], paused: bool) -> None: ...

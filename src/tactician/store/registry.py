@@ -113,6 +113,8 @@ class ModelRegistry:
             data = path.read_bytes()
         except FileNotFoundError:
             raise NotFound(f"model set {full}: its file {path} is missing") from None
+        except OSError as exc:
+            raise InvalidInput(f"model set {full}: cannot read it: {exc}") from None
         if hashlib.sha256(data).hexdigest()[: len(full)] != full:
             raise InvalidInput(f"model set {full}: {path} is corrupted (its hash does not match)")
         try:
@@ -219,6 +221,8 @@ class ModelRegistry:
             data = path.read_bytes()
         except FileNotFoundError:
             return {"format": FORMAT, "models": [], "stack": [], "promotions": []}
+        except OSError as exc:
+            raise InvalidInput(f"cannot read the model registry: {exc}") from None
         try:
             index = json.loads(data)
             if not isinstance(index, dict) or index.get("format") != FORMAT:
@@ -239,11 +243,10 @@ class ModelRegistry:
         """The index, read under the registry's lock and written back if the block succeeds."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            lock = open(self.directory / ".lock", "a+b")  # noqa: SIM115 (closed by `with` below)
         except OSError as exc:
-            raise InvalidInput(
-                f"cannot create the model directory {self.directory}: {exc}"
-            ) from None
-        with open(self.directory / ".lock", "a+b") as lock:
+            raise InvalidInput(f"cannot write to the model directory: {exc}") from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             index = self._read_index()
             before = json.dumps(index, sort_keys=True)
@@ -290,6 +293,13 @@ def _duration_verdict(manifest: dict[str, Any]) -> str:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a reader sees the old file or the new one, whole."""
+    try:
+        _replace(path, data)
+    except OSError as exc:
+        raise InvalidInput(f"cannot write {path}: {exc}") from None
+
+
+def _replace(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -1,0 +1,123 @@
+"""The decision service inside the live planner: the policy's scorer ranks each planning pass.
+
+`LiveRanker` is the store's `Ranker`: it keeps the tasks it has seen as backlog rows (added once,
+so their predictions are made once per model version), ranks the pass's ready tasks with the
+scorer and hands the ranks back; workers then claim in that order. A task whose weight or
+deadline changed (`tactician tasks reprioritize`) gets a fresh row, so it is scored anew on the
+next pass. `snapshot` builds the same view for `tactician tasks why`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from tactician.decide.features import Backlog, ScoredTask
+from tactician.decide.learned import Learned
+from tactician.decide.predictors import ModelSet
+from tactician.decide.scorers import PoolView, RankRequest, Scorer, get_scorer
+from tactician.decide.service import Snapshot
+from tactician.plan.capacity import CapacityView
+from tactician.store.protocol import ReadyRow
+
+log = logging.getLogger("tactician.decide")
+
+COMPACT_AT = 200_000
+"""Rows kept before the backlog is rebuilt from the tasks still waiting."""
+
+
+def make_scorer(name: str, models: ModelSet | None) -> Scorer:
+    """The scorer a policy names, with the registry's active models for `learned`."""
+    if name == "learned":
+        return Learned(models=models, learn=False)
+    return get_scorer(name)
+
+
+class LiveRanker:
+    def __init__(self, scorer: Scorer, models: ModelSet | None = None) -> None:
+        self.scorer = scorer
+        self.models = models
+        self._reset()
+
+    def _reset(self) -> None:
+        self.backlog = Backlog(spec=None if self.models is None else self.models.spec)
+        self.rows: dict[str, int] = {}
+        self._seq = 0
+
+    @property
+    def model_version(self) -> str | None:
+        return None if self.models is None else self.models.version
+
+    def rows_of(self, ready: Sequence[ReadyRow]) -> np.ndarray:
+        """Backlog rows for `ready`, adding the tasks not seen before (or changed since)."""
+        if len(self.rows) > COMPACT_AT:
+            log.info("rebuilding the decision backlog (%d rows)", len(self.rows))
+            self._reset()
+        backlog = self.backlog
+        result = np.empty(len(ready), dtype=np.int64)
+        fresh = []
+        for k, task in enumerate(ready):
+            row = self.rows.get(task.id)
+            if row is not None:
+                seen = backlog.tasks[row]
+                if seen.weight == task.weight and seen.due_at == task.due_at:
+                    result[k] = row
+                    continue
+            fresh.append(k)
+        for k in sorted(fresh, key=lambda k: (ready[k].created_at, ready[k].id)):
+            task = ready[k]
+            row = backlog.add(
+                ScoredTask(
+                    id=task.id,
+                    kind=task.kind,
+                    seq=self._seq,
+                    submit_at=task.created_at,
+                    release_at=task.release_at,
+                    due_at=task.due_at,
+                    weight=task.weight,
+                    estimate=task.estimate,
+                    units=task.units,
+                    pool=task.pool,
+                    tenant=task.tenant,
+                    attempt=task.attempt,
+                )
+            )
+            self._seq += 1
+            self.rows[task.id] = row
+            result[k] = row
+        return result
+
+    def pools(self, view: CapacityView) -> dict[int, PoolView]:
+        code = self.backlog.vocabulary.code
+        return {
+            code("pool", pool): PoolView(capacity=cap, busy_units=view.pool_used.get(pool, 0))
+            for pool, cap in view.pool_capacity.items()
+        }
+
+    def __call__(self, ready: Sequence[ReadyRow], view: CapacityView, now: float) -> list[float]:
+        rows = self.rows_of(ready)
+        ranks = self.scorer.rank(RankRequest(self.backlog, rows, now, self.pools(view)))
+        return [float(r) for r in ranks]
+
+    def snapshot(
+        self,
+        waiting: Sequence[ReadyRow],
+        view: CapacityView,
+        now: float,
+        blocked: Mapping[str, str] | None = None,
+    ) -> tuple[Snapshot, dict[str, int]]:
+        """The decision service's view of `waiting` (for `why`), and task id → row."""
+        rows = self.rows_of(waiting)
+        ids = {task.id: int(row) for task, row in zip(waiting, rows, strict=True)}
+        by_row = {ids[i]: reason for i, reason in (blocked or {}).items() if i in ids}
+        waiting_on = {
+            ids[t.id]: "a dependency or its release time" for t in waiting if t.state == "pending"
+        }
+        return (
+            Snapshot(
+                self.backlog, rows, now, self.pools(view), blocked=by_row, waiting_on=waiting_on
+            ),
+            ids,
+        )
