@@ -275,7 +275,8 @@ class Learned:
                 )
             )
         reasons.append(Reason("weight", weight, f"weight {weight:g}"))
-        ahead = int((ranks < ranks[at]).sum())
+        seqs = backlog.seq[same]
+        ahead = int(((ranks < ranks[at]) | ((ranks == ranks[at]) & (seqs < seqs[at]))).sum())
         reasons.append(
             Reason(
                 "position",

@@ -93,14 +93,19 @@ class Snapshot:
     """Row → who holds it, and why."""
 
 
-def confidence(backlog: Backlog, rows: Rows) -> Array:
-    """From the predicted spread: 1 when p90 = p50, 0 from p90 = 4 x p50 up; 0 out of
-    distribution. Rows not yet predicted count as p90 = p50 (no model: no claim)."""
+def spread_confidence(backlog: Backlog, rows: Rows) -> Array:
+    """From the predicted spread: 1 when p90 = p50, 0 from p90 = 4 x p50 up. Rows not yet
+    predicted count as p90 = p50 (no model: no claim)."""
     p50, p90 = backlog.p50[rows], backlog.p90[rows]
     with np.errstate(invalid="ignore", divide="ignore"):
         spread = np.log(p90 / p50)
-    value = np.clip(1.0 - np.nan_to_num(spread, nan=0.0) / SPREAD_FOR_ZERO_CONFIDENCE, 0, 1)
-    return np.where(backlog.ood[rows], 0.0, value)
+    result: Array = np.clip(1.0 - np.nan_to_num(spread, nan=0.0) / SPREAD_FOR_ZERO_CONFIDENCE, 0, 1)
+    return result
+
+
+def confidence(backlog: Backlog, rows: Rows) -> Array:
+    """The spread's confidence, and 0 out of distribution."""
+    return np.where(backlog.ood[rows], 0.0, spread_confidence(backlog, rows))
 
 
 def merges(snapshot: Snapshot, rules: Sequence[MergeRule]) -> dict[int, int]:
@@ -169,6 +174,7 @@ def decide(
     position = np.empty(len(rows), dtype=np.int64)
     position[np.lexsort((backlog.seq[rows], ranks))] = np.arange(len(rows))
     sure = confidence(backlog, rows)
+    spread = spread_confidence(backlog, rows)
     merged = merges(snapshot, policy.merge)
     wanted = set(explain)
     decisions = []
@@ -188,9 +194,9 @@ def decide(
             action, until = Action.DEFER, float(backlog.release[row])
         elif bool(backlog.ood[row]) and policy.escalate_out_of_distribution:
             action, note = Action.ESCALATE, "features outside the training range: asks tier 2"
-        elif sure[k] < policy.confidence_threshold:
+        elif spread[k] < policy.confidence_threshold:
             action = Action.ESCALATE
-            note = f"confidence {sure[k]:.2f} below {policy.confidence_threshold}: asks tier 2"
+            note = f"confidence {spread[k]:.2f} below {policy.confidence_threshold}: asks tier 2"
         else:
             wait = _deferrable(snapshot, row, clear, policy)
             if wait is not None:

@@ -3,8 +3,10 @@
 Both wrap a scorer and keep its interface, so the planner, the simulator and the benchmarks use
 them the same way:
 
-    Aging(scorer, max_wait_s)     a task that has been ready for longer than `max_wait_s` goes
-                                  before every task that has not, oldest first. Its wait is then
+    Aging(scorer, max_wait_s)     a task released longer than `max_wait_s` ago goes before
+                                  every task that was not, oldest first (the wait counts from
+                                  `release_at`: time spent waiting on a dependency counts too,
+                                  as the backlog keeps no "ready since"). Its wait is then
                                   bounded by max_wait_s plus the time the pool needs to free
                                   units for the tasks that aged before it.
     FairShare(scorer, shares)     Slurm's fair-share factor F = 2^(-U/S): U is the tenant's share
@@ -123,8 +125,9 @@ class FairShare:
         count = len(ranks)
         if count == 0:
             return ranks
-        percentile = np.empty(count)
-        percentile[np.argsort(ranks, kind="stable")] = np.arange(count) / max(1, count - 1)
+        # Tied ranks share a percentile (the lowest of the tie), so fair share decides ties.
+        ordered = np.sort(ranks)
+        percentile = np.searchsorted(ordered, ranks, side="left") / max(1, count - 1)
         tenants = self._tenants(request.backlog, request.rows)
         factors = {t: self.factor(t, request.now) for t in set(tenants)}
         penalty = np.array([1.0 - factors[t] for t in tenants])

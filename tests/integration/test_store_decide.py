@@ -1,0 +1,114 @@
+"""The decision service against a real store (SQLite and PostgreSQL): a ranker orders the
+planner's pass and workers claim in that order; waiting tasks are read for `why`; a task is
+reprioritised at once; bad input changes nothing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import pytest
+
+from tactician.decide.scorers import get_scorer
+from tactician.domain import KindSpec, NewTask, TaskState
+from tactician.errors import Conflict, InvalidInput, NotFound
+from tactician.plan.capacity import CapacityView, plan_starts
+from tactician.run.ranking import LiveRanker
+from tactician.store.base import SqlStore
+from tactician.store.protocol import ReadyRow
+from tests.integration.driving import Opener, stores_on
+
+KIND = KindSpec("job", pool="p")
+
+
+@pytest.fixture
+def opener(db_url: str) -> Iterator[Opener]:
+    yield from stores_on(db_url)
+
+
+@pytest.fixture
+def store(opener: Opener) -> SqlStore:
+    store = opener()
+    store.register_kinds([KIND])
+    store.set_pool("p", 1)
+    return store
+
+
+def submit(store: SqlStore, **fields: object) -> str:
+    task = NewTask(kind="job", **fields)  # type: ignore[arg-type]
+    return store.submit([task], store.kinds())[0]
+
+
+def test_the_ranker_orders_the_pass_and_workers_claim_in_that_order(store: SqlStore) -> None:
+    now = time.time()
+    # Due soonest but longest: wspt puts it last, earliest-deadline-first would put it first.
+    long = submit(store, due_at=now + 100, estimate=500.0)
+    short = submit(store, due_at=now + 300, estimate=5.0)
+    middle = submit(store, due_at=now + 200, estimate=50.0)
+    store.set_pool("p", 3)
+    seen: list[Sequence[ReadyRow]] = []
+    wspt = LiveRanker(get_scorer("wspt"))
+
+    def ranker(rows: Sequence[ReadyRow], view: CapacityView, at: float) -> list[float]:
+        seen.append(rows)
+        return wspt(rows, view, at)
+
+    report = store.plan(plan_starts, store.kinds(), ranker)
+    assert report.started == 3
+    assert {r.id for r in seen[0]} == {long, short, middle}
+    assert [r.estimate for r in seen[0]] == [500.0, 50.0, 5.0]  # read earliest deadline first
+    claims = store.claim("w1", ["job"], 1)
+    claims += store.claim("w1", ["job"], 1)
+    claims += store.claim("w1", ["job"], 1)
+    assert [c.task_id for c in claims] == [short, middle, long]
+
+
+def test_equal_ranks_keep_the_deadline_order(store: SqlStore) -> None:
+    now = time.time()
+    ids = [submit(store, due_at=now + 300 - 100 * i) for i in range(3)]
+    store.set_pool("p", 3)
+    store.plan(plan_starts, store.kinds(), lambda rows, view, at: [0.0] * len(rows))
+    claimed = [store.claim("w1", ["job"], 1)[0].task_id for _ in ids]
+    assert claimed == list(reversed(ids))
+
+
+def test_waiting_lists_what_has_not_started(store: SqlStore) -> None:
+    now = time.time()
+    first = submit(store, due_at=now + 60)
+    later = submit(store, release_at=now + 3600)
+    rows = store.waiting(100)
+    assert [r.id for r in rows] == [first, later]
+    assert [r.state for r in rows] == ["ready", "pending"]
+    assert rows[0].due_at == pytest.approx(now + 60)
+
+
+def test_reprioritize_changes_weight_and_deadline_and_the_next_pass_sees_it(
+    store: SqlStore,
+) -> None:
+    now = time.time()
+    a = submit(store, due_at=now + 60)
+    b = submit(store, due_at=now + 600)
+    changed = store.reprioritize(b, weight=7.0, due_at=now + 10)
+    assert changed.weight == 7.0
+    assert changed.due_at == pytest.approx(now + 10)
+    assert [r.id for r in store.waiting(10)] == [b, a]  # earliest deadline first, at once
+    assert store.reprioritize(b, clear_due=True).due_at is None
+    assert [r.id for r in store.waiting(10)] == [a, b]
+    store.plan(plan_starts, store.kinds())
+    assert store.claim("w1", ["job"], 1)[0].task_id == a
+
+
+def test_bad_reprioritize_changes_nothing(store: SqlStore) -> None:
+    task = submit(store, due_at=time.time() + 60, weight=2.0)
+    before = store.get(task)
+    for bad in ({"weight": -1.0}, {"weight": float("nan")}, {"due_at": float("inf")}, {}):
+        with pytest.raises(InvalidInput):
+            store.reprioritize(task, **bad)  # type: ignore[arg-type]
+    with pytest.raises(NotFound):
+        store.reprioritize("nope", weight=2.0)
+    assert store.get(task) == before
+    store.cancel(task)
+    with pytest.raises(Conflict):
+        store.reprioritize(task, weight=3.0)
+    assert store.get(task).state is TaskState.CANCELLED
+    assert store.get(task).weight == 2.0
