@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from tactician.domain import ExecutorKind, KindSpec, NewTask, RateLimit, RetryPolicy, Task
-from tactician.errors import InvalidInput, UnknownKind
+from tactician.errors import InvalidInput, TacticianError, UnknownKind
 from tactician.run.executors import Handler
 from tactician.run.planner import PlannerService
 from tactician.run.ranking import LiveRanker, make_scorer
@@ -203,17 +203,24 @@ class Tactician:
         from tactician.run.schedules import ScheduleService
 
         self.store  # noqa: B018 (registers kinds and pools before the first tick)
+        ranker = self.ranker()
         return PlannerService(
             self.store,
             self.settings,
-            ranker=self.ranker(),
-            hooks=(ScheduleService(self.store, self).fire_due,),
+            ranker=ranker,
+            hooks=(ScheduleService(self.store, self).fire_due, ranker.refresh),
         )
 
     def ranker(self) -> LiveRanker:
-        """The decision service's scorer (settings.scorer) with the registry's active models."""
-        models = ModelRegistry(self.settings.models_dir).active()
-        return LiveRanker(make_scorer(self.settings.scorer, models), models)
+        """The decision service's scorer (settings.scorer) with the registry's active models;
+        without them (none promoted, or the active file unreadable: logged) the scorer works
+        from estimates and each kind's recorded durations."""
+        try:
+            models = ModelRegistry(self.settings.models_dir).active()
+        except TacticianError as exc:
+            log.error("decision models unavailable, ranking without them: %s", exc)
+            models = None
+        return LiveRanker(make_scorer(self.settings.scorer, models), models, self.store)
 
     def run_worker(self, options: WorkerOptions | None = None) -> None:
         """Run a worker in this process until SIGTERM or SIGINT."""

@@ -324,6 +324,7 @@ def tasks_why(task_id: str, db: DbOption = None, as_json: JsonOption = False) ->
                 task.tenant,
                 task.attempt,
                 str(task.state),
+                json.dumps(task.payload),
             )
         )
     usage = app.store.pools()

@@ -249,6 +249,10 @@ class Backlog:
             history.median(task.kind) if history else math.nan,
             history.fail_rate(task.kind) if history else math.nan,
         ]
+        return values + self._encode_own(task)
+
+    def _encode_own(self, task: ScoredTask) -> list[float]:
+        values: list[float] = []
         own = task.features
         for name in self.spec.numeric:
             value = own.get(name)
@@ -258,14 +262,18 @@ class Backlog:
             values.append(math.nan if value is None else float(self.vocabulary.code(name, value)))
         return values
 
-    def respec(self, spec: FeatureSpec, history: KindHistory | None = None) -> None:
-        """Read a new set of features: re-encode every row (a model with new features)."""
+    def respec(self, spec: FeatureSpec) -> None:
+        """Read a new set of the tasks' own features (a model with new features). The base
+        columns, the kind's history among them, keep what they were when each task arrived."""
         if spec == self.spec:
             return
+        base = len(BASE_FEATURES)
+        old = self.static
         self.spec = spec
         self.static = np.full((len(self.seq), len(spec.names)), math.nan)
+        self.static[:, :base] = old[:, :base]
         for row, task in enumerate(self.tasks):
-            self.static[row] = self._encode(task, history)
+            self.static[row, base:] = self._encode_own(task)
 
     def fallback_duration(self, rows: npt.NDArray[np.int64], default: float) -> Array:
         """The duration a scorer assumes without a model: the estimate, else the kind's
@@ -309,6 +317,16 @@ def pool_pressure(
         queued = float(work[pools == code].sum())
         result[int(code)] = math.nan if not cap else queued / cap
     return result
+
+
+def payload_features(payload: Mapping[str, object]) -> dict[str, FeatureValue]:
+    """The features a live task carries: the numbers, strings and booleans at the top of its
+    payload (nested values and nulls are not features). Training and serving both use this."""
+    return {
+        name: value
+        for name, value in payload.items()
+        if isinstance(value, str | bool | int | float) and value == value  # no NaN
+    }
 
 
 def as_rows(values: Sequence[int]) -> npt.NDArray[np.int64]:

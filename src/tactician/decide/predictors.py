@@ -120,6 +120,10 @@ class ModelSet:
     """Mean squared standardised distance above which a row is out of distribution."""
     kind_median: dict[int, float] = field(default_factory=dict)
     spread: dict[int, float] = field(default_factory=dict)
+    vocabulary: dict[str, dict[str, int]] = field(default_factory=dict)
+    """The category codes the models were trained with: a backlog that serves them must start
+    from these (`Vocabulary(models.vocabulary)`), or a code would mean another value."""
+    miss_accepted: bool = False
     """Per kind: log(p90 / p50) of actual / baseline in training: the baseline's own spread,
     used when the duration model was refused."""
     version: str = ""
@@ -213,7 +217,7 @@ class ModelSet:
             "predictors": {
                 "duration": self.p50 is not None,
                 "failure": self.failure is not None,
-                "miss": self.p50 is not None,
+                "miss": self.miss_accepted,
             },
             "validation": [v.to_json() for v in self.validations],
         }
@@ -235,6 +239,8 @@ class ModelSet:
             "limit": self.limit,
             "kind_median": {str(k): v for k, v in self.kind_median.items()},
             "spread": {str(k): v for k, v in self.spread.items()},
+            "vocabulary": self.vocabulary,
+            "miss_accepted": self.miss_accepted,
         }
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
@@ -263,6 +269,8 @@ class ModelSet:
                 limit=body["limit"],
                 kind_median={int(k): v for k, v in body["kind_median"].items()},
                 spread={int(k): v for k, v in body["spread"].items()},
+                vocabulary=body["vocabulary"],
+                miss_accepted=body["miss_accepted"],
             )
         except (KeyError, TypeError, ValueError, lgb.basic.LightGBMError) as exc:
             raise InvalidInput(f"not a model set: {exc}") from None
@@ -423,6 +431,7 @@ def fit(
         )
         failure = model if accepted else None
 
+    miss_accepted = False
     has_due = ~np.isnan(outcomes.time_left_at_start[valid])
     if has_due.any():
         left = outcomes.time_left_at_start[valid][has_due]
@@ -440,9 +449,10 @@ def fit(
                 base_loss,
                 "baseline duration, log-normal spread",
                 int(has_due.sum()),
-                duration_ok and loss < base_loss,
+                loss < base_loss,
             )
         )
+        miss_accepted = loss < base_loss
 
     numeric = [n for n in names if n not in spec.categorical_names]
     columns = [names.index(n) for n in numeric]
@@ -480,6 +490,8 @@ def fit(
         limit=limit,
         kind_median=kind_median,
         spread=spread,
+        vocabulary=backlog.vocabulary.to_json(),
+        miss_accepted=miss_accepted,
     )
 
 

@@ -5,27 +5,50 @@ so their predictions are made once per model version), ranks the pass's ready ta
 scorer and hands the ranks back; workers then claim in that order. A task whose weight or
 deadline changed (`tactician tasks reprioritize`) gets a fresh row, so it is scored anew on the
 next pass. `snapshot` builds the same view for `tactician tasks why`.
+
+Tasks are encoded exactly as in training: the models' category codes, the payload's top-level
+scalars as features, and each kind's history of recorded outcomes (read from the store every
+`HISTORY_EVERY_S` by `refresh`, a planner hook) as it stood when the task was first seen.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from tactician.decide.features import Backlog, ScoredTask
+from tactician.decide.features import (
+    Backlog,
+    FeatureValue,
+    KindHistory,
+    ScoredTask,
+    Vocabulary,
+    payload_features,
+)
 from tactician.decide.learned import Learned
 from tactician.decide.predictors import ModelSet
 from tactician.decide.scorers import PoolView, RankRequest, Scorer, get_scorer
 from tactician.decide.service import Snapshot
 from tactician.plan.capacity import CapacityView
-from tactician.store.protocol import ReadyRow
+from tactician.store.protocol import ReadyRow, Store
 
 log = logging.getLogger("tactician.decide")
 
 COMPACT_AT = 200_000
 """Rows kept before the backlog is rebuilt from the tasks still waiting."""
+HISTORY_EVERY_S = 30.0
+HISTORY_BATCH = 10_000
+
+
+def _features(payload: str) -> dict[str, FeatureValue]:
+    try:
+        value = json.loads(payload)
+    except ValueError:
+        return {}
+    return payload_features(value) if isinstance(value, dict) else {}
 
 
 def make_scorer(name: str, models: ModelSet | None) -> Scorer:
@@ -36,15 +59,40 @@ def make_scorer(name: str, models: ModelSet | None) -> Scorer:
 
 
 class LiveRanker:
-    def __init__(self, scorer: Scorer, models: ModelSet | None = None) -> None:
+    def __init__(
+        self, scorer: Scorer, models: ModelSet | None = None, store: Store | None = None
+    ) -> None:
         self.scorer = scorer
         self.models = models
+        self.store = store
+        self.history = KindHistory()
+        self._history_at: float | None = None
+        self._refreshed = -math.inf
         self._reset()
 
     def _reset(self) -> None:
-        self.backlog = Backlog(spec=None if self.models is None else self.models.spec)
+        models = self.models
+        self.backlog = Backlog(
+            spec=None if models is None else models.spec,
+            vocabulary=None if models is None else Vocabulary(models.vocabulary),
+        )
         self.rows: dict[str, int] = {}
         self._seq = 0
+
+    def refresh(self, now: float) -> int:
+        """Read the outcomes recorded since the last call into each kind's history (at most
+        every HISTORY_EVERY_S); returns how many were read. A planner hook."""
+        if self.store is None or now - self._refreshed < HISTORY_EVERY_S:
+            return 0
+        self._refreshed = now
+        rows = self.store.outcomes(since=self._history_at, limit=HISTORY_BATCH)
+        for row in rows:
+            late = row.due_at is not None and row.finished_at > row.due_at
+            duration = max(0.0, row.finished_at - row.started_at)
+            self.history.record(row.kind, duration, failed=row.failed, late=late)
+        if rows:
+            self._history_at = math.nextafter(rows[-1].finished_at, math.inf)
+        return 0  # history is bookkeeping, not work the planner did
 
     @property
     def model_version(self) -> str | None:
@@ -82,7 +130,9 @@ class LiveRanker:
                     pool=task.pool,
                     tenant=task.tenant,
                     attempt=task.attempt,
-                )
+                    features=_features(task.payload),
+                ),
+                self.history,
             )
             self._seq += 1
             self.rows[task.id] = row

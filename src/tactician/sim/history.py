@@ -10,11 +10,10 @@ scorer refits, with a held-out window to validate against. The simulator's pretr
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from tactician.decide.features import Backlog, FeatureSpec, FeatureValue, ScoredTask
+from tactician.decide.features import Backlog, FeatureSpec, ScoredTask, payload_features
 from tactician.decide.learned import Learned
 from tactician.decide.predictors import ModelSet, fit
 from tactician.decide.scorers import DEFAULT_ESTIMATE
@@ -44,16 +43,6 @@ def from_workload(tasks: Iterable[WorkloadTask]) -> list[Recorded]:
         Recorded(scored(task, seq), task.release_at, task.duration)
         for seq, task in enumerate(ordered)
     ]
-
-
-def payload_features(payload: Mapping[str, Any]) -> dict[str, FeatureValue]:
-    """The features a live task carries: the numbers, strings and booleans at the top of its
-    payload (nested values and nulls are not features)."""
-    return {
-        name: value
-        for name, value in payload.items()
-        if isinstance(value, str | bool | int | float) and value == value  # no NaN
-    }
 
 
 def from_store(rows: Iterable[OutcomeRow]) -> list[Recorded]:

@@ -62,7 +62,7 @@ INSERT_COLUMNS = (
 ACTIVE = "('leased', 'running')"
 _READY_COLUMNS = (
     "id, kind, pool, units, concurrency_key, target, due_sort, created_at, release_at, due_at, "
-    "weight, estimate, tenant, attempt, state"
+    "weight, estimate, tenant, attempt, state, payload"
 )
 """The columns of a `ReadyRow`, in order (the first seven are a `Candidate`'s)."""
 # States a dependency can end in without succeeding: its dependents die too.

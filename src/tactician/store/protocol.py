@@ -34,6 +34,8 @@ class ReadyRow(NamedTuple):
     tenant: str
     attempt: int
     state: str
+    payload: str
+    """The task's payload as JSON text: its top-level scalars are the task's features."""
 
 
 Ranker = Callable[[Sequence[ReadyRow], CapacityView, float], Sequence[float]]
