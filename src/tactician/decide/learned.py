@@ -45,6 +45,20 @@ BAND = 1e12
 
 
 @dataclass(frozen=True)
+class _Triage:
+    """A pool's last full ranking, for deciding arrivals against it."""
+
+    now: float
+    first_start: float
+    m: float
+    clear: float
+    due: Array
+    """Deadlines of the kept tasks, earliest first."""
+    work_upto: Array
+    """Work of the kept tasks up to and including each of them (same order)."""
+
+
+@dataclass(frozen=True)
 class Objective:
     """What the learned scorer trades off; part of the policy bundle."""
 
@@ -54,6 +68,9 @@ class Objective:
     optimism: float = 0.0
     """Triage plans with p50 x (p50 / p90)^optimism: 0 plans with p50; 1 with about p10, so a
     task is set aside only when even a short run would be late (noisy predictions)."""
+    triage_factor: float = 1.0
+    """Triage plans with this share of the predicted duration (below 1: set aside only tasks
+    that would be late even if they ran somewhat faster than predicted)."""
     lst: float = 0.5
     """Urgent tasks go by due - lst x p50: 1 is least slack first, 0 earliest deadline first
     (in between does best on the scenarios: least slack alone lets long tasks crowd out
@@ -83,6 +100,7 @@ class Learned:
         self.history = KindHistory()
         self.adapter = Adapter()
         self._model_id = 0 if models is None else 1
+        self._triage: dict[int, _Triage] = {}
         self._lost = np.zeros(0, dtype=bool)
         """Per backlog row: set aside as unable to be on time (stays so)."""
         self._rows: list[int] = []
@@ -220,7 +238,7 @@ class Learned:
         if view is None or view.capacity is None:
             return index, np.full(len(rows), NORMAL)
         m = float(view.capacity)
-        q = p50 * (p50 / p90) ** objective.optimism
+        q = objective.triage_factor * p50 * (p50 / p90) ** objective.optimism
         order = np.flatnonzero(~np.isnan(due) & ~lost)
         order = order[np.argsort(due[order], kind="stable")]
         work = q[order] * units[order]
@@ -244,7 +262,45 @@ class Learned:
         band[kept_rows[due[kept_rows] - now - p90[kept_rows] < clear]] = URGENT
         band[lost] = LOST
         within = np.where(band == URGENT, due - objective.lst * p50, index)
+        self._triage[pool] = _Triage(
+            now, first_start, m, clear, due[kept_rows], np.cumsum(work[keep])
+        )
         return band * BAND + within, band
+
+    def rank_arrival(self, request: RankRequest, row: int) -> float:
+        """The rank of one new task against its pool's last full ranking, in O(log n): its
+        projected start is read from that ranking's deadline order. The next full ranking may
+        revise it (it can set another task aside instead). Falls back to ranking the pool
+        when there is no such ranking."""
+        backlog, now = request.backlog, request.now
+        rows = np.array([row], dtype=np.int64)
+        pool = int(backlog.pool[row])
+        p50a, p90a = self.predicted(backlog, rows)
+        p50, p90 = float(p50a[0]), float(p90a[0])
+        p10 = float(backlog.p10[row])
+        low = p50 * p50 / p90 if math.isnan(p10) else p10
+        units, weight = float(backlog.units[row]), max(float(backlog.weight[row]), 1e-9)
+        index = low * max(low, SLOWDOWN_TAU) * units / weight
+        view = request.pools.get(pool)
+        due = float(backlog.due[row])
+        if view is None or view.capacity is None:
+            return index
+        if math.isnan(due):
+            return NORMAL * BAND + index
+        triage = self._triage.get(pool)
+        if triage is None:
+            return float(self.rank(RankRequest(backlog, rows, now, request.pools))[0])
+        q = self.objective.triage_factor * p50 * (p50 / p90) ** self.objective.optimism
+        at = int(np.searchsorted(triage.due, due, side="right"))
+        ahead = float(triage.work_upto[at - 1]) if at else 0.0
+        start = triage.first_start + (now - triage.now) + ahead / triage.m
+        if start + q > due:
+            self._lost_mask(rows)
+            self._lost[row] = True
+            return LOST * BAND + index
+        if due - now - p90 < triage.clear:
+            return URGENT * BAND + due - self.objective.lst * p50
+        return NORMAL * BAND + index
 
     # --- explaining ------------------------------------------------------------------------
 

@@ -82,6 +82,13 @@ class Learner(Protocol):
     ) -> None: ...
 
 
+@runtime_checkable
+class Incremental(Protocol):
+    """A time-dependent scorer that can rank one new task against its last full ranking."""
+
+    def rank_arrival(self, request: RankRequest, row: int) -> float: ...
+
+
 def durations(backlog: Backlog, rows: Rows) -> Array:
     """The duration the classic rules assume: estimate, else kind median, else the default."""
     return backlog.fallback_duration(rows, DEFAULT_ESTIMATE)
