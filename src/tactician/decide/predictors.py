@@ -188,9 +188,8 @@ class ModelSet:
         values = x[:, [names.index(n) for n in self.ranges]]
         bounds = np.asarray(list(self.ranges.values()))
         # NaN (a missing feature) compares False on both sides: it is never outside.
-        outside: npt.NDArray[np.bool_] = ((values < bounds[:, 0]) | (values > bounds[:, 1])).any(
-            axis=1
-        )
+        beyond = (values < bounds[:, 0]) | (values > bounds[:, 1])
+        outside = np.asarray(beyond.any(axis=1), dtype=np.bool_)
         z = (values - np.asarray(self.centre)) / np.asarray(self.scale)
         z = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
         np.square(z, out=z)
