@@ -5,13 +5,18 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from tactician.clock import SYSTEM_CLOCK
+from tactician.decide.service import DecidePolicy
 from tactician.domain import ExecutorKind, KindSpec, NewTask, RateLimit, RetryPolicy, Task
 from tactician.errors import InvalidInput, TacticianError, UnknownKind
+from tactician.run.advisor import AdvisorConfig, BackgroundAdvisor, LLMAdvisor
+from tactician.run.escalation import Escalator
 from tactician.run.executors import Handler
 from tactician.run.planner import PlannerService
 from tactician.run.ranking import LiveRanker, make_scorer
@@ -204,12 +209,22 @@ class Tactician:
 
         self.store  # noqa: B018 (registers kinds and pools before the first tick)
         ranker = self.ranker()
-        return PlannerService(
-            self.store,
-            self.settings,
-            ranker=ranker,
-            hooks=(ScheduleService(self.store, self).fire_due, ranker.refresh),
-        )
+        hooks: list[Callable[[float], int]] = [
+            ScheduleService(self.store, self).fire_due,
+            ranker.refresh,
+        ]
+        escalator = self.escalator(ranker)
+        if escalator is not None:
+            hooks.append(escalator)
+        return PlannerService(self.store, self.settings, ranker=ranker, hooks=tuple(hooks))
+
+    def escalator(self, ranker: LiveRanker) -> Escalator | None:
+        """Tier 2 when an advisor is configured (TACTICIAN_LLM_BASE_URL and _MODEL)."""
+        if not os.environ.get("TACTICIAN_LLM_BASE_URL"):
+            return None
+        advisor = BackgroundAdvisor(LLMAdvisor(AdvisorConfig.from_env(os.environ), SYSTEM_CLOCK))
+        policy = DecidePolicy(confidence_threshold=self.settings.confidence_threshold)
+        return Escalator(self.store, ranker, advisor, policy)
 
     def ranker(self) -> LiveRanker:
         """The decision service's scorer (settings.scorer) with the registry's active models;

@@ -33,6 +33,8 @@ class Settings:
     """NORMAL survives a kill -9 of any process (WAL); FULL also survives power loss."""
     scorer: str = "learned"
     """The decision service's scorer for the live planner: fifo, edf, wspt, atc, learned."""
+    confidence_threshold: float = 0.3
+    """Decisions less confident than this are escalated to tier 2 (when an advisor is set)."""
     models_dir: str = ".tactician/models"
     """Where the model registry keeps versioned model sets (TACTICIAN_MODELS_DIR)."""
 

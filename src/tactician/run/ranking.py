@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from tactician.decide.decision import Action, Decision
 from tactician.decide.features import (
     Backlog,
     FeatureValue,
@@ -66,6 +67,8 @@ class LiveRanker:
         self.models = models
         self.store = store
         self.history = KindHistory()
+        self.advice: dict[str, tuple[Decision, float]] = {}
+        """Task id → tier 2's decision and how far it moved the score (set by `Escalator`)."""
         self._history_at: float | None = None
         self._refreshed = -math.inf
         self._reset()
@@ -149,7 +152,28 @@ class LiveRanker:
     def __call__(self, ready: Sequence[ReadyRow], view: CapacityView, now: float) -> list[float]:
         rows = self.rows_of(ready)
         ranks = self.scorer.rank(RankRequest(self.backlog, rows, now, self.pools(view)))
+        if self.advice:
+            ranks = self._advised(ready, ranks, now)
         return [float(r) for r in ranks]
+
+    def _advised(self, ready: Sequence[ReadyRow], ranks: np.ndarray, now: float) -> np.ndarray:
+        """Tier 2's answers on top of tier 1's ranks: a deferral keeps the task out of this
+        pass (an infinite rank); a score change of d moves it by d x the tasks ranked."""
+        ranks = np.array(ranks, dtype=np.float64)
+        ordered = np.sort(ranks)
+        count = len(ranks)
+        for k, task in enumerate(ready):
+            found = self.advice.get(task.id)
+            if found is None:
+                continue
+            decision, delta = found
+            if decision.action is Action.DEFER and (decision.defer_until or 0.0) > now:
+                ranks[k] = math.inf
+            elif delta:
+                position = int(np.searchsorted(ordered, ranks[k]))
+                target = min(count - 1, max(0, position - round(delta * count)))
+                ranks[k] = math.nextafter(float(ordered[target]), -math.inf)
+        return ranks
 
     def snapshot(
         self,

@@ -945,8 +945,11 @@ class SqlStore:
 
 def _reranked(candidates: list[Candidate], ranks: Sequence[float]) -> list[Candidate]:
     """Candidates in rank order, ties by deadline (as read), with ranks made strictly
-    increasing so that workers claim in exactly this order."""
-    order = sorted(range(len(candidates)), key=lambda k: (ranks[k], k))
+    increasing so that workers claim in exactly this order. A rank of +inf keeps the task
+    waiting this pass (deferred by the decision service)."""
+    order = sorted(
+        (k for k in range(len(candidates)) if ranks[k] != math.inf), key=lambda k: (ranks[k], k)
+    )
     result = []
     previous = -math.inf
     for k in order:
