@@ -37,7 +37,10 @@ def main() -> None:
             policy = get_policy(name)
             began, cpu = time.perf_counter(), time.process_time()
             result = simulate(
-                built.tasks, built.capacity, policy.make(), policy.options(),
+                built.tasks,
+                built.capacity,
+                policy.make(),
+                policy.options(),
                 calendar=built.calendar,
             )
             walls.append(time.perf_counter() - began)
