@@ -20,6 +20,7 @@ from tactician.run.escalation import Escalator
 from tactician.run.executors import Handler
 from tactician.run.planner import PlannerService
 from tactician.run.ranking import LiveRanker, make_scorer
+from tactician.run.refit import Refitter
 from tactician.run.worker import Worker, WorkerOptions
 from tactician.settings import Settings
 from tactician.store.base import SqlStore
@@ -216,6 +217,9 @@ class Tactician:
         escalator = self.escalator(ranker)
         if escalator is not None:
             hooks.append(escalator)
+        if self.settings.refit_every > 0:
+            registry = ModelRegistry(self.settings.models_dir)
+            hooks.append(Refitter(self.store, ranker, registry, self.settings.refit_every))
         return PlannerService(self.store, self.settings, ranker=ranker, hooks=tuple(hooks))
 
     def escalator(self, ranker: LiveRanker) -> Escalator | None:

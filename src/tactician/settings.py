@@ -35,6 +35,9 @@ class Settings:
     """The decision service's scorer for the live planner: fifo, edf, wspt, atc, learned."""
     confidence_threshold: float = 0.3
     """Decisions less confident than this are escalated to tier 2 (when an advisor is set)."""
+    refit_every: int = 0
+    """Refit the predictors after this many new outcomes, and promote them if they beat the
+    baselines (0: only `tactician train` fits)."""
     models_dir: str = ".tactician/models"
     """Where the model registry keeps versioned model sets (TACTICIAN_MODELS_DIR)."""
 

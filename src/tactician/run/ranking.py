@@ -73,6 +73,14 @@ class LiveRanker:
         self._refreshed = -math.inf
         self._reset()
 
+    def use(self, models: ModelSet) -> None:
+        """Serve these models from the next pass on (every task is encoded and predicted
+        anew)."""
+        self.models = models
+        if isinstance(self.scorer, Learned):
+            self.scorer = Learned(models=models, learn=False)
+        self._reset()
+
     def _reset(self) -> None:
         models = self.models
         self.backlog = Backlog(

@@ -1,39 +1,15 @@
-"""Recorded history: finished attempts as a learner sees them, from a trace or from a database.
-
-A `Recorded` is one finished attempt: what a scheduler knew of the task when it was submitted (a
-`ScoredTask`, never its true run time) and what happened (when it started, how long it ran,
-whether it failed). `feed` teaches a learner these outcomes in submission order, as a live
-system would have recorded them; `fit_recorded` fits a model set on them the way the learned
-scorer refits, with a held-out window to validate against. The simulator's pretraining and
-`tactician train` both go through here, so both learn from the same rows.
-"""
+"""A trace as recorded history: the simulator's side of `tactician.decide.training`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 
-from tactician.decide.features import Backlog, FeatureSpec, ScoredTask, payload_features
-from tactician.decide.learned import Learned
-from tactician.decide.predictors import ModelSet, fit
-from tactician.decide.scorers import DEFAULT_ESTIMATE
+from tactician.decide.training import Recorded, feed, fit_recorded
+from tactician.run.training import from_store
 from tactician.sim.simulator import scored
 from tactician.sim.workload import WorkloadTask
-from tactician.store.protocol import OutcomeRow
 
-
-@dataclass(frozen=True, slots=True)
-class Recorded:
-    """One finished attempt."""
-
-    task: ScoredTask
-    started_at: float
-    duration: float
-    failed: bool = False
-
-    @property
-    def finished_at(self) -> float:
-        return self.started_at + self.duration
+__all__ = ["Recorded", "feed", "fit_recorded", "from_store", "from_workload"]
 
 
 def from_workload(tasks: Iterable[WorkloadTask]) -> list[Recorded]:
@@ -43,64 +19,3 @@ def from_workload(tasks: Iterable[WorkloadTask]) -> list[Recorded]:
         Recorded(scored(task, seq), task.release_at, task.duration)
         for seq, task in enumerate(ordered)
     ]
-
-
-def from_store(rows: Iterable[OutcomeRow]) -> list[Recorded]:
-    """A store's finished attempts as recorded history, in submission order (then attempt)."""
-    ordered = sorted(rows, key=lambda r: (r.created_at, r.task_id, r.attempt))
-    return [
-        Recorded(
-            ScoredTask(
-                id=row.task_id,
-                kind=row.kind,
-                seq=seq,
-                submit_at=row.created_at,
-                release_at=row.release_at,
-                due_at=row.due_at,
-                weight=row.weight,
-                estimate=row.estimate,
-                units=row.units,
-                pool=row.pool,
-                tenant=row.tenant,
-                attempt=row.attempt - 1,
-                features=payload_features(row.payload),
-            ),
-            started_at=row.started_at,
-            duration=max(0.0, row.finished_at - row.started_at),
-            failed=row.failed,
-        )
-        for seq, row in enumerate(ordered)
-    ]
-
-
-def feed(learner: Learned, records: Sequence[Recorded]) -> Backlog:
-    """Teach `learner` these outcomes, in the given (submission) order, without refitting.
-
-    Each task's row is encoded with the kind history as it stood when the task arrived.
-    Returns the backlog holding their rows (whose `features` the caller may respec)."""
-    backlog = Backlog()
-    learning, learner.learn = learner.learn, True
-    learner.next_fit = len(records) + 1
-    for record in records:
-        row = backlog.add(record.task, learner.history)
-        learner.observe(
-            backlog,
-            row,
-            record.duration,
-            failed=record.failed,
-            started_at=record.started_at,
-            finished_at=record.finished_at,
-        )
-    learner.next_fit, learner.learn = 2 * len(records) + 1, learning
-    return backlog
-
-
-def fit_recorded(records: Sequence[Recorded], *, valid_fraction: float = 0.2) -> ModelSet:
-    """A model set fitted on `records` as the learned scorer refits (the same features, the
-    same baselines), holding out the latest `valid_fraction` by finish time. Refused
-    predictors are left out of the set, which is returned either way."""
-    learner = Learned()
-    backlog = feed(learner, records)
-    backlog.respec(FeatureSpec.infer(record.task.features for record in records))
-    outcomes = learner.outcomes()
-    return fit(backlog, outcomes, valid_fraction=valid_fraction, default_duration=DEFAULT_ESTIMATE)
