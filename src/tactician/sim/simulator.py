@@ -135,6 +135,26 @@ class _Waiting:
         return self.rows[: self.size]
 
 
+class _RunningEnds(Mapping[str, list[tuple[float, int]]]):
+    """Per pool, (expected end, units) of its running tasks: sorted only for the pools whose
+    reservation the planner actually computes."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+
+    def __getitem__(self, pool: str) -> list[tuple[float, int]]:
+        running = self.run.running.get(pool)
+        if running is None:
+            raise KeyError(pool)
+        return sorted((self.run.expected_end[i], self.run.pools[i][1]) for i in running)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.run.running)
+
+    def __len__(self) -> int:
+        return len(self.run.running)
+
+
 class _Run:
     """The state of one simulation."""
 
@@ -305,10 +325,7 @@ class _Run:
         view = CapacityView(pool_capacity=self.capacity, pool_used=dict(self.used))
         if self.options.reserve:
             view.reserve = True
-            view.running_ends = {
-                pool: sorted((self.expected_end[i], self.pools[i][1]) for i in running)
-                for pool, running in self.running.items()
-            }
+            view.running_ends = _RunningEnds(self)
         taken: list[int] = []
         capped: set[str] = set()
         pools = self.views(now) if self.scan else {}
@@ -436,6 +453,8 @@ class _Run:
         """
         cap = self.capacity.get(pool)
         reserve = self.options.reserve
+        expected: dict[int, float] = {}
+        """Task index -> expected run time, for reservations."""
         entries: Iterator[tuple[float, int, int]]
         if self.scan:
             rows = self.waiting[pool].view()
@@ -450,6 +469,11 @@ class _Run:
                     order = self._may_start(order, rows, cap - self.used.get(pool, 0))
             if len(order) >= limit and len(rows) > len(order):
                 capped.add(pool)  # more may fit than were offered: plan again at this instant
+            if reserve:
+                for k, value in zip(
+                    order.tolist(), self._expected(rows[order]).tolist(), strict=True
+                ):
+                    expected[self.index_of[int(rows[k])]] = value
             entries = ((float(ranks[k]), int(seqs[k]), self.index_of[int(rows[k])]) for k in order)
         else:
             room = None if cap is None else cap - self.used.get(pool, 0)
@@ -472,13 +496,8 @@ class _Run:
                 return
             count += 1
             task = self.tasks[i]
-            expected = (
-                float(self._expected(np.array([self.row[i]], dtype=np.int64))[0])
-                if reserve
-                else None
-            )
             yield Candidate(
-                str(i), task.kind, pool, units, None, f"sim:{task.kind}", rank, expected
+                str(i), task.kind, pool, units, None, f"sim:{task.kind}", rank, expected.get(i)
             )
 
 
