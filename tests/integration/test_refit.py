@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,21 +17,14 @@ from tactician.run.refit import Refitter
 from tactician.store.base import SqlStore
 from tactician.store.protocol import Finish
 from tactician.store.registry import ModelRegistry
-from tests.integration.driving import Opener, stores_on
 
 KIND = KindSpec("job", pool="p")
 
 
 @pytest.fixture
-def opener(db_url: str) -> Iterator[Opener]:
-    yield from stores_on(db_url)
-
-
-@pytest.fixture
-def store(opener: Opener) -> SqlStore:
-    store = opener()
-    store.register_kinds([KIND])
-    return store
+def store(job_store: SqlStore) -> SqlStore:
+    job_store.set_pool("p", None)  # every recorded task runs at once
+    return job_store
 
 
 def record(store: SqlStore, count: int, rng: random.Random) -> None:

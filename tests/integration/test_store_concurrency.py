@@ -28,11 +28,6 @@ JOB = KindSpec("job")
 
 
 @pytest.fixture
-def opener(db_url: str) -> Iterator[Opener]:
-    yield from stores_on(db_url)
-
-
-@pytest.fixture
 def pg_opener(pg_url: str) -> Iterator[Opener]:
     yield from stores_on(pg_url)
 

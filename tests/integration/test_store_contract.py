@@ -9,7 +9,6 @@ several connections at once in test_store_concurrency.py.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,16 +18,11 @@ from tactician.plan.capacity import plan_starts
 from tactician.store.base import SqlStore
 from tactician.store.open import open_store
 from tactician.store.protocol import Finish, ReapReport, TaskFilter
-from tests.integration.driving import Opener, stores_on
+from tests.integration.driving import Opener
 
 LEASE = 0.3  # seconds: short enough to let leases expire inside a test
 NOOP = KindSpec("noop")
 ONCE = KindSpec("once", retry=RetryPolicy(max_attempts=1))
-
-
-@pytest.fixture
-def opener(db_url: str) -> Iterator[Opener]:
-    yield from stores_on(db_url)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ reprioritised at once; bad input changes nothing."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 
@@ -16,22 +16,13 @@ from tactician.plan.capacity import CapacityView, plan_starts
 from tactician.run.ranking import LiveRanker
 from tactician.store.base import SqlStore
 from tactician.store.protocol import ReadyRow
-from tests.integration.driving import Opener, stores_on
 
 KIND = KindSpec("job", pool="p")
 
 
 @pytest.fixture
-def opener(db_url: str) -> Iterator[Opener]:
-    yield from stores_on(db_url)
-
-
-@pytest.fixture
-def store(opener: Opener) -> SqlStore:
-    store = opener()
-    store.register_kinds([KIND])
-    store.set_pool("p", 1)
-    return store
+def store(job_store: SqlStore) -> SqlStore:
+    return job_store
 
 
 def submit(store: SqlStore, **fields: object) -> str:

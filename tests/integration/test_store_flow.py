@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,12 +15,7 @@ from tactician.domain import Claim, KindSpec, NewTask, Pool, RateLimit, Result, 
 from tactician.plan.capacity import plan_starts
 from tactician.store.base import SqlStore
 from tactician.store.protocol import Finish, ReapReport, TaskFilter
-from tests.integration.driving import Opener, stores_on
-
-
-@pytest.fixture
-def opener(db_url: str) -> Iterator[Opener]:
-    yield from stores_on(db_url)
+from tests.integration.driving import Opener
 
 
 @pytest.fixture
