@@ -13,6 +13,7 @@ shadow time, or if it fits in the units the reserved task will leave spare.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -54,8 +55,9 @@ class CapacityView:
     kind_limits: Mapping[str, KindLimits] = field(default_factory=dict)
     reserve: bool = False
     """EASY backfilling: hold a reservation for the first task of a pool that does not fit."""
-    running_ends: Mapping[str, list[tuple[float, int]]] = field(default_factory=dict)
-    """Per pool: (expected end, units) of the running tasks, for reservations."""
+    running_ends: Mapping[str, Iterable[tuple[float, int]]] = field(default_factory=dict)
+    """Per pool: (expected end, units) of the running tasks, earliest end first, for
+    reservations (read only as far as a reservation needs)."""
 
 
 @dataclass(frozen=True)
@@ -136,13 +138,12 @@ def _shadow(
     head: Candidate, cap: int, view: CapacityView, starts: list[Candidate], now: float
 ) -> list[float]:
     """When enough units free up for `head`, and how many will be spare then."""
-    ends = list(view.running_ends.get(head.pool, ()))
-    ends.extend(
+    started = sorted(
         (now + (math.inf if s.expected is None else s.expected), s.units)
         for s in starts
         if s.pool == head.pool
     )
-    ends.sort()
+    ends = heapq.merge(view.running_ends.get(head.pool, ()), started)
     free = cap - view.pool_used.get(head.pool, 0)
     for end, units in ends:
         free += units

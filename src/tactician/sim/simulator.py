@@ -135,24 +135,31 @@ class _Waiting:
         return self.rows[: self.size]
 
 
-class _RunningEnds(Mapping[str, list[tuple[float, int]]]):
-    """Per pool, (expected end, units) of its running tasks: sorted only for the pools whose
-    reservation the planner actually computes."""
+class _RunningEnds(Mapping[str, Iterator[tuple[float, int]]]):
+    """Per pool, (expected end, units) of its running tasks, earliest first, produced lazily
+    from a heap: a reservation reads only as far as it needs."""
 
     def __init__(self, run: _Run) -> None:
         self.run = run
 
-    def __getitem__(self, pool: str) -> list[tuple[float, int]]:
-        running = self.run.running.get(pool)
-        if running is None:
+    def __getitem__(self, pool: str) -> Iterator[tuple[float, int]]:
+        if pool not in self.run.end_heaps:
             raise KeyError(pool)
-        return sorted((self.run.expected_end[i], self.run.pools[i][1]) for i in running)
+        return self._ends(pool)
+
+    def _ends(self, pool: str) -> Iterator[tuple[float, int]]:
+        heap = list(self.run.end_heaps[pool])
+        running = self.run.running.get(pool, {})
+        while heap:
+            end, units, i = heapq.heappop(heap)
+            if i in running and self.run.expected_end[i] == end:
+                yield end, units
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.run.running)
+        return iter(self.run.end_heaps)
 
     def __len__(self) -> int:
-        return len(self.run.running)
+        return len(self.run.end_heaps)
 
 
 class _Run:
@@ -199,6 +206,9 @@ class _Run:
         self.end_sum: dict[str, float] = {}
         """Per pool: Σ units x expected end of the tasks running in it."""
         self.running: dict[str, dict[int, None]] = {}
+        self.end_heaps: dict[str, list[tuple[float, int, int]]] = {}
+        """Per pool, (expected end, units, task) of started tasks (stale entries are skipped
+        and pruned), kept only with reservations."""
         # Ready tasks per pool: heaps of (rank, seq, i) per units held when ranks do not move
         # with time; otherwise the ready rows, ranked afresh at each instant.
         self.scan = scorer.time_dependent or options.reserve
@@ -366,6 +376,8 @@ class _Run:
             self.expected_end[i] = now + expected[i]
             self.end_sum[c.pool] = self.end_sum.get(c.pool, 0.0) + c.units * self.expected_end[i]
             self.running.setdefault(c.pool, {})[i] = None
+            if self.options.reserve:
+                self._push_end(c.pool, i, c.units)
             duration = self.tasks[i].duration
             if self.fails():
                 self.push(now + duration * self.random.random(), _FAIL, i)
@@ -411,6 +423,14 @@ class _Run:
         left = free - (before[head] - units[head])
         tail = order[head + 1 :][units[head + 1 :] <= left]
         return np.concatenate([order[: head + 1], tail[: max(0, int(left))]])
+
+    def _push_end(self, pool: str, i: int, units: int) -> None:
+        heap = self.end_heaps.setdefault(pool, [])
+        if len(heap) > 2 * len(self.running[pool]) + 64:  # mostly finished: prune
+            running = self.running[pool]
+            heap[:] = [e for e in heap if e[2] in running and self.expected_end[e[2]] == e[0]]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (self.expected_end[i], units, i))
 
     def has_room(self, pool: str) -> bool:
         cap = self.capacity.get(pool)
