@@ -107,6 +107,27 @@ def small(job: tuple[str, int]) -> dict[str, Any]:
     return {"scenario": scenario, "seed": seed, "policies": out}
 
 
+KEPT = (
+    "tasks",
+    "completed",
+    "missed_deadlines",
+    "mean_bounded_slowdown",
+    "weighted_tardiness",
+    "mean_wait_s",
+    "cpu_s",
+    "proven",
+)
+
+
+def _brief(run: dict[str, Any]) -> dict[str, Any]:
+    """A run with each policy's headline figures only (the JSON stays small)."""
+    policies = {
+        name: {k: v for k, v in figures.items() if k in KEPT}
+        for name, figures in run["policies"].items()
+    }
+    return {**run, "policies": policies}
+
+
 def mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else 0.0
 
@@ -237,8 +258,12 @@ def main() -> None:
     Path(args.out).write_text("\n".join(report))
     Path(args.out).with_suffix(".json").write_text(
         json.dumps(
-            {"large": summary, "small": small_summary, "runs": runs, "small_runs": small_runs},
-            indent=1,
+            {
+                "large": summary,
+                "small": small_summary,
+                "runs": [_brief(r) for r in runs],
+                "small_runs": [_brief(r) for r in small_runs],
+            },
             default=str,
         )
     )
