@@ -33,7 +33,15 @@ import numpy.typing as npt
 
 from tactician.decide.decision import Reason
 from tactician.decide.features import Array, Backlog, FeatureSpec, KindHistory
-from tactician.decide.predictors import Z90, Adapter, ModelSet, Outcomes, fit, miss_probability
+from tactician.decide.predictors import (
+    DEFAULT_SIGMA,
+    Z90,
+    Adapter,
+    ModelSet,
+    Outcomes,
+    fit,
+    miss_probability,
+)
 from tactician.decide.scorers import DEFAULT_ESTIMATE, RankRequest, Rows, span_text
 from tactician.errors import InvalidInput
 
@@ -114,7 +122,7 @@ class Learned:
 
     @property
     def model_version(self) -> str | None:
-        return None if self.models is None else self.models.short
+        return None if self.models is None else self.models.version
 
     # --- learning --------------------------------------------------------------------------
 
@@ -174,9 +182,6 @@ class Learned:
         self._model_id += 1
         self.adapter.reset()
 
-    def admit(self, backlog: Backlog, task_row: int) -> None:
-        """Nothing to do at arrival: predictions are made in batches when first ranked."""
-
     # --- ranking ---------------------------------------------------------------------------
 
     def predicted(self, backlog: Backlog, rows: Rows) -> tuple[Array, Array]:
@@ -186,7 +191,7 @@ class Learned:
             if self.models is None or backlog.spec != self.models.spec:
                 low = backlog.fallback_duration(stale, DEFAULT_ESTIMATE)
                 backlog.p50[stale] = low
-                backlog.p90[stale] = low * math.exp(Z90 * 0.6)
+                backlog.p90[stale] = low * math.exp(Z90 * DEFAULT_SIGMA)
                 backlog.p10[stale] = math.nan
                 backlog.ood[stale] = False
             else:
