@@ -103,3 +103,18 @@ def test_bad_reprioritize_changes_nothing(store: SqlStore) -> None:
         store.reprioritize(task, weight=3.0)
     assert store.get(task).state is TaskState.CANCELLED
     assert store.get(task).weight == 2.0
+
+
+def test_waiting_rows_carry_the_weight_of_their_dependents(store: SqlStore) -> None:
+    parent = submit(store, weight=1.0)
+    kinds = store.kinds()
+    store.submit(
+        [
+            NewTask(kind="job", weight=2.0, depends_on=(parent,)),
+            NewTask(kind="job", weight=3.0, depends_on=(parent,)),
+        ],
+        kinds,
+    )
+    rows = {r.id: r for r in store.waiting(10)}
+    assert rows[parent].dependents == pytest.approx(5.0)
+    assert sorted(r.dependents for r in rows.values()) == [0.0, 0.0, 5.0]

@@ -512,3 +512,20 @@ def test_edf_and_atc_explain_their_factors() -> None:
     assert atc[0].reasons[1].text == "slack 9 min"  # 600 s left - 60 s to run
     assert atc[1].reasons[1].text == "no deadline"
     assert all(d.why().count("\n") == 0 and d.why() for d in (*edf, *atc))
+
+
+def test_learned_runs_first_the_task_that_others_wait_for() -> None:
+    backlog = Backlog()
+    rows = as_rows(
+        [
+            backlog.add(
+                ScoredTask(
+                    id=name, kind="k", seq=n, submit_at=0.0, release_at=0.0, estimate=60.0, pool="p"
+                )
+            )
+            for n, name in enumerate(["alone", "unblocks"])
+        ]
+    )
+    backlog.dependents[rows[1]] = 4.0  # four tasks of weight 1 wait for it
+    ranks = Learned(learn=False).rank(RankRequest(backlog, rows, 0.0))
+    assert ranks[1] < ranks[0]

@@ -207,6 +207,8 @@ class Backlog:
             ood[:old] = self.ood[:old]
         self.ood = ood
         self.model = ints("model", -1)
+        self.dependents = floats("dependents", 0.0)
+        """The weight of the submitted tasks that wait for this one (grows as they arrive)."""
         matrix = np.full((rows, width), math.nan)
         if old:
             matrix[:old, : self.static.shape[1]] = self.static[:old]

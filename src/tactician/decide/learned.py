@@ -230,7 +230,9 @@ class Learned:
         backlog, now, objective = request.backlog, request.now, self.objective
         p50, p90 = self.predicted(backlog, rows)
         units = backlog.units[rows]
-        weight = np.maximum(backlog.weight[rows], 1e-9)
+        # A task's worth includes the tasks waiting for it (Smith's rule on the value it
+        # unblocks).
+        weight = np.maximum(backlog.weight[rows] + backlog.dependents[rows], 1e-9)
         due = backlog.due[rows]
         # Expected cost per unit of capacity, for slowdown: Smith's rule with weights
         # 1 / max(p, tau), on an optimistic duration (p10, else p50^2 / p90): a task that may be

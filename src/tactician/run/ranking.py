@@ -148,6 +148,7 @@ class LiveRanker:
             self._seq += 1
             self.rows[task.id] = row
             result[k] = row
+        backlog.dependents[result] = [task.dependents for task in ready]
         return result
 
     def pools(self, view: CapacityView) -> dict[int, PoolView]:

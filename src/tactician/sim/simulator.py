@@ -186,12 +186,14 @@ class _Run:
         if len(index) != len(tasks):
             raise InvalidInput("task ids must be unique")
         self.children: list[list[int]] = [[] for _ in tasks]
+        self.parents: list[list[int]] = [[] for _ in tasks]
         self.missing = [0] * len(tasks)
         for i, t in enumerate(tasks):
             for dep in set(t.depends_on):
                 if dep not in index:
                     raise InvalidInput(f"task {t.id}: depends_on names unknown task {dep!r}")
                 self.children[index[dep]].append(i)
+                self.parents[i].append(index[dep])
                 self.missing[i] += 1
         self.backlog = Backlog()
         history = getattr(scorer, "history", None)
@@ -261,6 +263,9 @@ class _Run:
             began = time.process_time()
             self.row[i] = self.backlog.add(scored(self.tasks[i], self.seq[i]), self.history)
             self.index_of.append(i)
+            for parent in self.parents[i]:
+                if self.row[parent] >= 0 and self.finish[parent] is None:
+                    self.backlog.dependents[self.row[parent]] += self.tasks[i].weight
             self.cpu += time.process_time() - began
             if self.tasks[i].release_at <= now:
                 self.release(i, now)

@@ -36,6 +36,8 @@ class ReadyRow(NamedTuple):
     state: str
     payload: str
     """The task's payload as JSON text: its top-level scalars are the task's features."""
+    dependents: float = 0.0
+    """The weight of the unfinished tasks that depend on this one."""
 
 
 Ranker = Callable[[Sequence[ReadyRow], CapacityView, float], Sequence[float]]
