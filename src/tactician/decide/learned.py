@@ -15,8 +15,9 @@ For each pool, at each instant:
 3. **Order.** Deadline tasks that would be late if they waited for the pool's backlog to
    clear are **urgent** and go first, by due - p50 / 2 (between earliest deadline and least
    slack). Everything else goes by expected cost per unit of capacity: Smith's rule with the
-   weights of bounded slowdown, on an optimistic duration (p10). Lost tasks
-   go last, in the same order, so they still finish as soon as capacity allows.
+   weights of bounded slowdown, on an optimistic duration (p10), a task's weight including
+   that of the submitted tasks waiting for it. Lost tasks go last, in the same order, so they
+   still finish as soon as capacity allows.
 
 This is the general policy of `tactician simulate --policy ai`: no per-workload settings. It
 learns from every finished task (`observe`) and refits its predictors every `refit_every`
