@@ -1,4 +1,18 @@
+from collections.abc import Iterator
+
+import pytest
+
+from tactician import ids as ids_module
 from tactician.ids import new_id, new_ids
+
+
+@pytest.fixture(autouse=True)
+def _restore_the_id_clock() -> Iterator[None]:
+    """These tests issue ids far in the future; later tests in the same process must not
+    inherit that (ids stay increasing within a process)."""
+    saved = ids_module._last_ms, ids_module._last_low
+    yield
+    ids_module._last_ms, ids_module._last_low = saved
 
 
 def test_ids_increase_within_a_millisecond_and_across_batches() -> None:
