@@ -77,12 +77,13 @@ class LiveRanker:
         """Serve these models from the next pass on (every task is encoded and predicted
         anew)."""
         self.models = models
-        if isinstance(self.scorer, Learned):
-            self.scorer = Learned(models=models, learn=False)
         self._reset()
 
     def _reset(self) -> None:
+        """A new backlog (and a new learned scorer: its per-row state refers to old rows)."""
         models = self.models
+        if isinstance(self.scorer, Learned):
+            self.scorer = Learned(self.scorer.objective, models, learn=False)
         self.backlog = Backlog(
             spec=None if models is None else models.spec,
             vocabulary=None if models is None else Vocabulary(models.vocabulary),
