@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -12,12 +14,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from tactician.clock import SYSTEM_CLOCK
-from tactician.decide.service import DecidePolicy
+from tactician.decide.service import DecidePolicy, MergeRule
 from tactician.domain import ExecutorKind, KindSpec, NewTask, RateLimit, RetryPolicy, Task
 from tactician.errors import InvalidInput, TacticianError, UnknownKind
 from tactician.run.advisor import AdvisorConfig, BackgroundAdvisor, LLMAdvisor
 from tactician.run.escalation import Escalator
 from tactician.run.executors import Handler
+from tactician.run.merging import Merger
 from tactician.run.planner import PlannerService
 from tactician.run.ranking import LiveRanker, make_scorer
 from tactician.run.refit import Refitter
@@ -41,6 +44,7 @@ class Tactician:
         self.kinds: dict[str, KindSpec] = {}
         self.handlers: dict[str, Handler] = {}
         self.pool_capacity: dict[str, int | None] = {}
+        self.merge_rules: list[MergeRule] = []
         self._store: SqlStore | None = None
 
     # --- declaring work --------------------------------------------------------------------
@@ -82,6 +86,17 @@ class Tactician:
         self.pool_capacity[name] = capacity
         if self._store is not None:
             self._store.set_pool(name, capacity)
+
+    def merge(self, kind: str, key: str, window_s: float) -> None:
+        """Fold tasks of `kind` whose `key` template (e.g. "{kind}/{features.fingerprint}",
+        features being the payload's top-level values) matches that of a waiting task submitted
+        at most `window_s` earlier: they become that one task, carrying all their payloads."""
+        if not (window_s > 0 and math.isfinite(window_s)):
+            raise InvalidInput(f"merge window for {kind} must be a positive number of seconds")
+        rule = MergeRule(kind, key, window_s)
+        with contextlib.suppress(KeyError):  # a feature an empty payload lacks is fine
+            rule.key_of(kind, None, {})  # an unknown template field fails here, not later
+        self.merge_rules.append(rule)
 
     def _add_kind(self, name: str, executor: ExecutorKind, options: Mapping[str, Any]) -> KindSpec:
         options = dict(options)
@@ -217,6 +232,8 @@ class Tactician:
         escalator = self.escalator(ranker)
         if escalator is not None:
             hooks.append(escalator)
+        if self.merge_rules:
+            hooks.append(Merger(self.store, ranker, tuple(self.merge_rules)))
         if self.settings.refit_every > 0:
             registry = ModelRegistry(self.settings.models_dir)
             hooks.append(Refitter(self.store, ranker, registry, self.settings.refit_every))

@@ -435,6 +435,43 @@ class SqlStore:
             )
             return [ReadyRow(*row) for row in cur.fetchall()]
 
+    def merge(self, primary: str, others: Sequence[str]) -> Task:
+        folded = sorted(set(others) - {primary})
+        if not folded:
+            raise InvalidInput("nothing to merge: name tasks other than the primary")
+        waiting = (TaskState.PENDING, TaskState.READY)
+        with self._tx() as cur:
+            head = self._get(cur, primary, for_update=True)
+            if head.state not in waiting:
+                raise Conflict(f"task {primary} is {head.state}: only a waiting task takes merges")
+            payloads = []
+            for task_id in folded:
+                task = self._get(cur, task_id, for_update=True)
+                if task.state not in waiting:
+                    raise Conflict(f"task {task_id} is {task.state}: it cannot be merged")
+                if task.kind != head.kind:
+                    raise Conflict(f"task {task_id} is a {task.kind}, not a {head.kind}")
+                cur.execute("SELECT 1 FROM task_deps WHERE depends_on = ? LIMIT 1", (task_id,))
+                if cur.fetchone() is not None:
+                    raise Conflict(f"task {task_id} has tasks waiting for it: it cannot merge")
+                payloads.append(task.payload)
+            payload = dict(head.payload)
+            earlier = payload.get("merged", [])
+            if not isinstance(earlier, list):
+                raise Conflict(f"task {primary}'s payload has a 'merged' field of its own")
+            payload["merged"] = [*earlier, *payloads]
+            now = self._now(cur)
+            clause, params = self._in("id", folded)
+            cur.execute(
+                "UPDATE tasks SET state = 'merged', finished_at = ?, last_error = ? "
+                f"WHERE {clause}",
+                [now, f"merged into {primary}", *params],
+            )
+            cur.execute(
+                "UPDATE tasks SET payload = ? WHERE id = ?", (_ENCODER.encode(payload), primary)
+            )
+            return self._get(cur, primary)
+
     def reprioritize(
         self,
         task_id: str,

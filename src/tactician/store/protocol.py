@@ -192,6 +192,12 @@ class Store(Protocol):
         """Tasks not yet started (pending, ready, retry_wait, leased), earliest due first."""
         ...
 
+    def merge(self, primary: str, others: Sequence[str]) -> Task:
+        """Fold `others` into `primary` (all of one kind, none started, none that another task
+        depends on): they end `merged`, and the primary's payload gains their payloads under
+        "merged", so one run handles them all."""
+        ...
+
     def reprioritize(
         self,
         task_id: str,
