@@ -14,7 +14,7 @@ from tactician.clock import SYSTEM_CLOCK
 from tactician.decide.decision import Action, Tier
 from tactician.decide.scorers import get_scorer
 from tactician.decide.service import DecidePolicy
-from tactician.domain import KindSpec, NewTask
+from tactician.domain import NewTask
 from tactician.plan.capacity import plan_starts
 from tactician.run.advisor import AdvisorConfig, BackgroundAdvisor, LLMAdvisor
 from tactician.run.escalation import Escalator
@@ -23,7 +23,6 @@ from tactician.store.base import SqlStore
 from tests.integration.driving import Opener, stores_on
 from tests.integration.test_advisor import ChatServer, Reply, chat  # noqa: F401 (a fixture)
 
-KIND = KindSpec("job", pool="p")
 ALWAYS = DecidePolicy(confidence_threshold=1.01)
 """Every decision is below this confidence: everything escalates."""
 
@@ -34,11 +33,8 @@ def opener(sqlite_url: str) -> Iterator[Opener]:
 
 
 @pytest.fixture
-def store(opener: Opener) -> SqlStore:
-    store = opener()
-    store.register_kinds([KIND])
-    store.set_pool("p", 1)
-    return store
+def store(job_store: SqlStore) -> SqlStore:
+    return job_store
 
 
 def advice(action: str, score_change: float = 0.0) -> str:

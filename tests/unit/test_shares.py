@@ -16,9 +16,10 @@ import pytest
 from tactician.decide.features import Array, Backlog, ScoredTask, as_rows
 from tactician.decide.learned import Learned
 from tactician.decide.scorers import Learner, RankRequest, get_scorer
-from tactician.decide.shares import AGED, Aging, FairShare, clamp_weight
+from tactician.decide.shares import AGED, Aging, FairShare
 from tactician.sim.simulator import SimResult, simulate
 from tactician.sim.workload import WorkloadTask
+from tests.unit.test_simulator import wt as workload_task
 
 
 def wt(
@@ -31,16 +32,8 @@ def wt(
     deps: tuple[str, ...] = (),
 ) -> WorkloadTask:
     """A task whose estimate is exact, so the order is the scorer's, not a misestimate's."""
-    return WorkloadTask(
-        id=task_id,
-        kind="k",
-        submit_at=submit,
-        release_at=submit,
-        duration=duration,
-        estimate=duration,
-        weight=weight,
-        resources={pool: 1},
-        depends_on=deps,
+    return workload_task(
+        task_id, duration, submit=submit, estimate=duration, weight=weight, pool=pool, deps=deps
     )
 
 
@@ -305,7 +298,8 @@ def test_with_weight_zero_the_inner_order_is_unchanged() -> None:
 
 
 def test_the_fair_share_weight_is_bounded() -> None:
-    assert clamp_weight(0.0) == 0.0 and clamp_weight(10.0) == 10.0
+    FairShare(get_scorer("fifo"), {}, weight=0.0)
+    FairShare(get_scorer("fifo"), {}, weight=10.0)
     for bad in (-0.1, 10.5, math.nan):
         with pytest.raises(ValueError, match="between 0 and 10"):
-            clamp_weight(bad)
+            FairShare(get_scorer("fifo"), {}, weight=bad)

@@ -285,42 +285,6 @@ class Backlog:
         return np.where(np.isnan(estimate), np.where(np.isnan(median), default, median), estimate)
 
 
-@dataclass(frozen=True)
-class Dynamic:
-    """What moves with time, for some rows at one instant."""
-
-    age: Array
-    """now - submit_at."""
-    time_left: Array
-    """due_at - now (NaN without a deadline)."""
-    slack: Array
-    """due_at - now - predicted duration (NaN without a deadline)."""
-
-
-def dynamic(backlog: Backlog, rows: npt.NDArray[np.int64], now: float, duration: Array) -> Dynamic:
-    """Slack and age of `rows` at `now`, given their predicted durations."""
-    time_left = backlog.due[rows] - now
-    return Dynamic(age=now - backlog.submit[rows], time_left=time_left, slack=time_left - duration)
-
-
-def pool_pressure(
-    backlog: Backlog,
-    rows: npt.NDArray[np.int64],
-    duration: Array,
-    capacity: Mapping[int, int | None],
-) -> dict[int, float]:
-    """Per pool code: the waiting work in unit-seconds over the pool's capacity (seconds of
-    work queued per unit), NaN for an unbounded pool."""
-    pools = backlog.pool[rows]
-    work = duration * backlog.units[rows]
-    result: dict[int, float] = {}
-    for code in np.unique(pools):
-        cap = capacity.get(int(code))
-        queued = float(work[pools == code].sum())
-        result[int(code)] = math.nan if not cap else queued / cap
-    return result
-
-
 def payload_features(payload: Mapping[str, object]) -> dict[str, FeatureValue]:
     """The features a live task carries: the numbers, strings and booleans at the top of its
     payload (nested values and nulls are not features). Training and serving both use this."""

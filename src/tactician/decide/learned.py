@@ -77,9 +77,6 @@ class Objective:
     optimism: float = 0.0
     """Triage plans with p50 x (p50 / p90)^optimism: 0 plans with p50; 1 with about p10, so a
     task is set aside only when even a short run would be late (noisy predictions)."""
-    triage_factor: float = 1.0
-    """Triage plans with this share of the predicted duration (below 1: set aside only tasks
-    that would be late even if they ran somewhat faster than predicted)."""
     lst: float = 0.5
     """Urgent tasks go by due - lst x p50: 1 is least slack first, 0 earliest deadline first
     (in between does best on the scenarios: least slack alone lets long tasks crowd out
@@ -246,7 +243,7 @@ class Learned:
         if view is None or view.capacity is None:
             return index, np.full(len(rows), NORMAL)
         m = float(view.capacity)
-        q = objective.triage_factor * p50 * (p50 / p90) ** objective.optimism
+        q = p50 * (p50 / p90) ** objective.optimism
         order = np.flatnonzero(~np.isnan(due) & ~lost)
         order = order[np.argsort(due[order], kind="stable")]
         work = q[order] * units[order]
@@ -298,7 +295,7 @@ class Learned:
         triage = self._triage.get(pool)
         if triage is None:
             return float(self.rank(RankRequest(backlog, rows, now, request.pools))[0])
-        q = self.objective.triage_factor * p50 * (p50 / p90) ** self.objective.optimism
+        q = p50 * (p50 / p90) ** self.objective.optimism
         at = int(np.searchsorted(triage.due, due, side="right"))
         ahead = float(triage.work_upto[at - 1]) if at else 0.0
         start = triage.first_start + (now - triage.now) + ahead / triage.m

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +30,7 @@ import numpy.typing as npt
 from river import stats as river_stats
 from scipy.special import ndtr  # type: ignore[import-untyped]  # scipy ships no stubs
 
-from tactician.decide.features import BASE_FEATURES, Array, Backlog, FeatureSpec
+from tactician.decide.features import Array, Backlog, FeatureSpec
 from tactician.errors import InvalidInput
 
 Z90 = 1.2815515655446004
@@ -528,18 +527,3 @@ class Adapter:
         if not table:
             return np.ones(len(kinds))
         return np.array([table.get(int(k), 1.0) for k in kinds])
-
-
-def summarize(validations: Sequence[Validation]) -> Mapping[str, Any]:
-    return {v.predictor: v.to_json() for v in validations}
-
-
-__all__ = [
-    "BASE_FEATURES",
-    "Adapter",
-    "ModelSet",
-    "Outcomes",
-    "Validation",
-    "fit",
-    "miss_probability",
-]

@@ -199,10 +199,6 @@ SCORERS: dict[str, Callable[[], Scorer]] = {
 }
 
 
-def register(name: str, factory: Callable[[], Scorer]) -> None:
-    SCORERS[name] = factory
-
-
 def get_scorer(name: str) -> Scorer:
     """A fresh scorer by name; raises InvalidInput naming the known ones."""
     factory = SCORERS.get(name)

@@ -82,6 +82,8 @@ class FairShare:
         weight: float = 0.5,
         half_life_s: float = 3600.0,
     ) -> None:
+        if not (0.0 <= weight <= 10.0) or math.isnan(weight):
+            raise ValueError("fair-share weight must be between 0 and 10")
         self.inner = inner
         self.name = inner.name
         self.shares = dict(shares)
@@ -147,9 +149,3 @@ class FairShare:
             )
         )
         return reasons
-
-
-def clamp_weight(value: float) -> float:
-    if not (0.0 <= value <= 10.0) or math.isnan(value):
-        raise ValueError("fair-share weight must be between 0 and 10")
-    return value
