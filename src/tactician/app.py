@@ -17,10 +17,13 @@ from tactician.clock import SYSTEM_CLOCK
 from tactician.decide.service import DecidePolicy, MergeRule
 from tactician.domain import ExecutorKind, KindSpec, NewTask, RateLimit, RetryPolicy, Task
 from tactician.errors import InvalidInput, TacticianError, UnknownKind
+from tactician.govern.roles import SYSTEM, Actor, Operation
 from tactician.run.advisor import AdvisorConfig, BackgroundAdvisor, LLMAdvisor
 from tactician.run.escalation import Escalator
 from tactician.run.executors import Handler
+from tactician.run.gate import Gate
 from tactician.run.merging import Merger
+from tactician.run.notify import NOTIFY_KIND, notify, notify_kind
 from tactician.run.planner import PlannerService
 from tactician.run.ranking import LiveRanker, make_scorer
 from tactician.run.refit import Refitter
@@ -46,6 +49,11 @@ class Tactician:
         self.pool_capacity: dict[str, int | None] = {}
         self.merge_rules: list[MergeRule] = []
         self._store: SqlStore | None = None
+        self._gate: Gate | None = None
+        # The engine's own notifications (approval escalations, alerts) are tasks like any
+        # other, so every app's workers can deliver them.
+        self.kinds[NOTIFY_KIND] = notify_kind()
+        self.handlers[NOTIFY_KIND] = notify
 
     # --- declaring work --------------------------------------------------------------------
 
@@ -133,10 +141,22 @@ class Tactician:
             self._store = store
         return self._store
 
+    @property
+    def gate(self) -> Gate:
+        """Roles, approvals, the live policy bundle, tokens (every mutation goes through it)."""
+        if self._gate is None:
+            self._gate = Gate(self.store)
+        return self._gate
+
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
             self._store = None
+        self._gate = None
+
+    def user_kinds(self) -> list[str]:
+        """The kinds this app declared (the engine's own notification kind left out)."""
+        return [name for name in self.kinds if name != NOTIFY_KIND]
 
     def known_kinds(self) -> dict[str, KindSpec]:
         """This app's kinds, and those other apps registered in the database."""
@@ -187,13 +207,19 @@ class Tactician:
             return when.timestamp()
         raise InvalidInput(f"not a time: {when!r}")
 
-    def submit_many(self, tasks: Sequence[NewTask]) -> list[str]:
-        """Commit all tasks in one transaction, or none of them."""
+    def submit_many(self, tasks: Sequence[NewTask], actor: Actor | None = None) -> list[str]:
+        """Commit all tasks in one transaction, or none of them. Tasks that an approval rule
+        of the live policy matches wait for approval. With an `actor` (CLI, API), the actor's
+        role is checked first; without one, the caller is this process (trusted code)."""
+        if actor is not None:
+            self.gate.authorize(actor, Operation.SUBMIT, tasks[0].kind if tasks else "-")
         kinds = self.kinds if all(t.kind in self.kinds for t in tasks) else self.known_kinds()
         unknown = sorted({t.kind for t in tasks} - set(kinds))
         if unknown:
             raise UnknownKind(f"unknown kind {unknown[0]!r}")
-        return self.store.submit(tasks, kinds)
+        who = actor or SYSTEM
+        approvals = self.gate.approvals_for(tasks, who)
+        return self.store.submit(tasks, kinds, actor=who, approvals=approvals)
 
     def get(self, task_id: str) -> Task:
         return self.store.get(task_id)
@@ -210,7 +236,7 @@ class Tactician:
     # --- running -------------------------------------------------------------------------------
 
     def worker(self, options: WorkerOptions | None = None) -> Worker:
-        if not self.kinds:
+        if not self.user_kinds():
             raise InvalidInput("this app declares no task kinds: nothing for a worker to run")
         return Worker(
             self.store,
@@ -269,7 +295,7 @@ class Tactician:
 
     def serve(self, workers: int = 2, options: WorkerOptions | None = None) -> None:
         """A planner in this process and `workers` worker processes, until SIGTERM/SIGINT."""
-        if workers and not self.kinds:
+        if workers and not self.user_kinds():
             raise InvalidInput(
                 "serve needs an app with task kinds (--app module:app) for its "
                 "workers, or --workers 0 for a planner only"

@@ -5,6 +5,7 @@
     │   ├── UnknownKind
     │   └── InvalidSchedule
     ├── NotFound
+    ├── Forbidden             the actor's role does not allow that, or no valid token
     ├── Conflict              the request is valid but the current state forbids it
     ├── LeaseLost             a worker acted on a task whose lease it no longer holds
     ├── StoreUnavailable      the database cannot be reached
@@ -42,6 +43,10 @@ class InvalidSchedule(InvalidInput):
 
 class NotFound(TacticianError):
     """Nothing has that id."""
+
+
+class Forbidden(TacticianError):
+    """Not allowed."""
 
 
 class Conflict(TacticianError):

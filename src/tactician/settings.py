@@ -38,6 +38,8 @@ class Settings:
     refit_every: int = 0
     """Refit the predictors after this many new outcomes, and promote them if they beat the
     baselines (0: only `tactician train` fits)."""
+    token: str = ""
+    """The bearer token the CLI acts with (TACTICIAN_TOKEN); empty: none."""
     models_dir: str = ".tactician/models"
     """Where the model registry keeps versioned model sets (TACTICIAN_MODELS_DIR)."""
 

@@ -17,11 +17,14 @@ from rich.console import Console
 from rich.table import Table
 
 from tactician.app import Tactician
+from tactician.cli.govern import TokenOption, acting
+from tactician.cli.govern import register as register_govern
 from tactician.cli.models import register as register_models
 from tactician.cli.simulate import CapacityOption, parse_capacities
 from tactician.cli.simulate import simulate as simulate_command
-from tactician.domain import Task, TaskState
+from tactician.domain import NewTask, Task, TaskState
 from tactician.errors import InvalidInput, TacticianError
+from tactician.govern.roles import Operation
 from tactician.run.worker import WorkerOptions
 from tactician.settings import Settings
 from tactician.store.protocol import TaskFilter
@@ -42,6 +45,7 @@ cli.add_typer(bench_cli, name="bench")
 workload_cli = typer.Typer(help="Simulator workloads: generate and inspect.", no_args_is_help=True)
 cli.add_typer(workload_cli, name="workload")
 register_models(cli, bench_cli)  # train, models …, bench decide
+register_govern(cli)  # audit, tokens, policy, approvals, overrides
 
 out = Console(highlight=False)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -197,23 +201,29 @@ def submit(
     estimate: Annotated[float | None, typer.Option(help="Expected seconds.")] = None,
     key: Annotated[str | None, typer.Option("--key", help="Idempotency key.")] = None,
     depends_on: Annotated[list[str] | None, typer.Option(help="Task ids to wait for.")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="A tag (repeat).")] = None,
+    tenant: Annotated[str, typer.Option(help="Whose work it is.")] = "default",
+    token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Submit one task; prints its id."""
     data = _json_object(payload)
     due, release = _time(due_at, "due-at"), _time(release_at, "release-at")
     the_app = _open(db, app)
-    task_id = the_app.submit(
-        kind,
-        data,
+    task = NewTask(
+        kind=kind,
+        payload=data,
         due_at=due,
         release_at=release,
         weight=weight,
         estimate=estimate,
         idempotency_key=key,
-        depends_on=depends_on or (),
+        depends_on=tuple(depends_on or ()),
+        tenant=tenant,
+        tags=tuple(tag or ()),
         source="cli",
     )
+    (task_id,) = the_app.submit_many([task], actor=acting(the_app, token))
     if as_json:
         _print_json({"id": task_id})
     else:
@@ -270,9 +280,18 @@ def tasks_show(task_id: str, db: DbOption = None, as_json: JsonOption = False) -
 
 
 @tasks_cli.command("cancel")
-def tasks_cancel(task_id: str, db: DbOption = None, as_json: JsonOption = False) -> None:
+def tasks_cancel(
+    task_id: str,
+    db: DbOption = None,
+    reason: Annotated[str, typer.Option(help="Why (audited).")] = "",
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
     """Cancel a task; a running one is stopped within a heartbeat."""
-    task = _open(db).cancel(task_id)
+    app = _open(db)
+    actor = acting(app, token)
+    app.gate.authorize(actor, Operation.CANCEL, task_id)
+    task = app.store.cancel(task_id, actor, reason)
     if as_json:
         _print_json(_task_json(task))
     elif task.cancel_requested:
@@ -282,9 +301,14 @@ def tasks_cancel(task_id: str, db: DbOption = None, as_json: JsonOption = False)
 
 
 @tasks_cli.command("retry")
-def tasks_retry(task_id: str, db: DbOption = None, as_json: JsonOption = False) -> None:
+def tasks_retry(
+    task_id: str, db: DbOption = None, token: TokenOption = None, as_json: JsonOption = False
+) -> None:
     """Give a dead or cancelled task one more attempt."""
-    task = _open(db).retry(task_id)
+    app = _open(db)
+    actor = acting(app, token)
+    app.gate.authorize(actor, Operation.RETRY, task_id)
+    task = app.store.retry(task_id, actor)
     if as_json:
         _print_json(_task_json(task))
     else:
@@ -393,13 +417,23 @@ def tasks_reprioritize(
         typer.Option("--due-at", help="New deadline: epoch seconds, ISO 8601 or +seconds."),
     ] = None,
     no_due: Annotated[bool, typer.Option("--no-due", help="Remove the deadline.")] = False,
+    reason: Annotated[str, typer.Option(help="Why (audited).")] = "",
+    token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Change a queued or running task's weight or deadline; the planner re-scores it at once."""
     if due is not None and no_due:
         raise InvalidInput("give --due-at or --no-due, not both")
-    task = _open(db).store.reprioritize(
-        task_id, weight=weight, due_at=_time(due, "due-at"), clear_due=no_due
+    app = _open(db)
+    actor = acting(app, token)
+    app.gate.authorize(actor, Operation.REPRIORITIZE, task_id)
+    task = app.store.reprioritize(
+        task_id,
+        weight=weight,
+        due_at=_time(due, "due-at"),
+        clear_due=no_due,
+        actor=actor,
+        reason=reason,
     )
     if as_json:
         _print_json(_task_json(task))

@@ -27,10 +27,14 @@ from tactician.domain import (
     TaskState,
 )
 from tactician.errors import Conflict, InvalidInput, NotFound, UnknownKind
+from tactician.govern.audit import Entry
+from tactician.govern.records import NewApproval
+from tactician.govern.roles import SYSTEM, Actor
 from tactician.ids import new_ids
 from tactician.plan.capacity import Candidate, CapacityView, KindLimits
 from tactician.plan.flow import Bucket, after_result, allowed_in_flight
 from tactician.settings import Settings
+from tactician.store.governance import GovernanceMixin
 from tactician.store.protocol import (
     Finish,
     HeartbeatReply,
@@ -86,7 +90,7 @@ class Cursor(Protocol):
     def fetchone(self) -> Any: ...
 
 
-class SqlStore:
+class SqlStore(GovernanceMixin):
     """Store logic over a DB-API connection; one instance per process, one thread."""
 
     dialect = "sql"
@@ -233,8 +237,19 @@ class SqlStore:
 
     # --- submitting --------------------------------------------------------------------------
 
-    def submit(self, tasks: Sequence[NewTask], kinds: Mapping[str, KindSpec]) -> list[str]:
-        """Commit every task, or none. Same idempotency key → the id of the existing task."""
+    def submit(
+        self,
+        tasks: Sequence[NewTask],
+        kinds: Mapping[str, KindSpec],
+        *,
+        actor: Actor = SYSTEM,
+        approvals: Mapping[int, NewApproval] | None = None,
+    ) -> list[str]:
+        """Commit every task, or none. Same idempotency key → the id of the existing task.
+
+        `approvals` maps a task's index to the approval a rule asks for: that task waits in
+        awaiting_approval (holding no capacity) until it is answered."""
+        approvals = approvals or {}
         if not tasks:
             return []
         for task in tasks:
@@ -258,7 +273,10 @@ class SqlStore:
                         ids[i] = ids[keyed[task.idempotency_key]]
                         continue
                     keyed[task.idempotency_key] = i
-                rows.append(_task_row(task_id, task, kinds[task.kind], now))
+                row = _task_row(task_id, task, kinds[task.kind], now)
+                if i in approvals:
+                    row = (*row[:3], "awaiting_approval", *row[4:])
+                rows.append(row)
                 deps.extend((task_id, d) for d in task.depends_on)
             self._insert_tasks(cur, rows)
             if keyed:
@@ -279,6 +297,14 @@ class SqlStore:
                     "ON CONFLICT DO NOTHING",
                     deps,
                 )
+            kept = set(ids)  # a row whose idempotency key existed already was not inserted
+            inserted = [row[0] for row in rows if row[0] in kept]
+            fresh = set(inserted)
+            opened = {ids[i]: a for i, a in approvals.items() if ids[i] in fresh}
+            entries = self._open_approvals(cur, opened, now) if opened else []
+            if inserted:
+                entries.insert(0, _batch_entry(actor, "task.submitted", inserted, {}))
+            self._audit(cur, entries, now)
             self._after_submit(cur)
         return ids
 
@@ -392,24 +418,26 @@ class SqlStore:
 
     # --- operators -------------------------------------------------------------------------
 
-    def cancel(self, task_id: str) -> Task:
+    def cancel(self, task_id: str, actor: Actor = SYSTEM, reason: str = "") -> Task:
         """Cancel now, or ask the worker running it to stop (it is killed within a heartbeat)."""
         with self._tx() as cur:
             task = self._get(cur, task_id, for_update=True)
             if task.state.is_final:
                 raise Conflict(f"task {task_id} is already {task.state}")
+            now = self._now(cur)
             if task.state is TaskState.RUNNING:
                 cur.execute("UPDATE tasks SET cancel_requested = 1 WHERE id = ?", (task_id,))
             else:
-                now = self._now(cur)
                 cur.execute(
                     "UPDATE tasks SET state = 'cancelled', finished_at = ?, "
                     "lease_expires_at = NULL WHERE id = ?",
                     (now, task_id),
                 )
+            detail = {"from": task.state.value, "reason": reason}
+            self._audit(cur, [_batch_entry(actor, "task.cancelled", [task_id], detail)], now)
             return self._get(cur, task_id)
 
-    def retry(self, task_id: str) -> Task:
+    def retry(self, task_id: str, actor: Actor = SYSTEM) -> Task:
         """Give a dead or cancelled task one more attempt."""
         with self._tx() as cur:
             task = self._get(cur, task_id, for_update=True)
@@ -423,6 +451,8 @@ class SqlStore:
                 "finished_at = NULL, cancel_requested = 0, run_at = NULL WHERE id = ?",
                 (self._now(cur), task_id),
             )
+            detail = {"from": task.state.value}
+            self._audit(cur, [_batch_entry(actor, "task.retried", [task_id], detail)])
             self._after_submit(cur)
             return self._get(cur, task_id)
 
@@ -435,7 +465,7 @@ class SqlStore:
             )
             return [ReadyRow(*row) for row in cur.fetchall()]
 
-    def merge(self, primary: str, others: Sequence[str]) -> Task:
+    def merge(self, primary: str, others: Sequence[str], actor: Actor = SYSTEM) -> Task:
         folded = sorted(set(others) - {primary})
         if not folded:
             raise InvalidInput("nothing to merge: name tasks other than the primary")
@@ -470,6 +500,8 @@ class SqlStore:
             cur.execute(
                 "UPDATE tasks SET payload = ? WHERE id = ?", (_ENCODER.encode(payload), primary)
             )
+            detail = {"into": primary}
+            self._audit(cur, [_batch_entry(actor, "task.merged", folded, detail)], now)
             return self._get(cur, primary)
 
     def reprioritize(
@@ -479,6 +511,8 @@ class SqlStore:
         weight: float | None = None,
         due_at: float | None = None,
         clear_due: bool = False,
+        actor: Actor = SYSTEM,
+        reason: str = "",
     ) -> Task:
         if weight is not None and not (weight > 0 and math.isfinite(weight)):
             raise InvalidInput(f"weight must be a positive number, got {weight}")
@@ -496,6 +530,12 @@ class SqlStore:
                 "UPDATE tasks SET weight = ?, due_at = ?, due_sort = ? WHERE id = ?",
                 (new_weight, new_due, NO_DUE if new_due is None else new_due, task_id),
             )
+            detail = {
+                "weight": [task.weight, new_weight],
+                "due_at": [task.due_at, new_due],
+                "reason": reason,
+            }
+            self._audit(cur, [_batch_entry(actor, "task.reprioritized", [task_id], detail)])
             self._after_submit(cur)
             return self._get(cur, task_id)
 
@@ -589,12 +629,20 @@ class SqlStore:
                 (now,),
             )
             undispatched = cur.rowcount
+            if expired:
+                ids = [row[0] for row in expired]
+                detail = {"returned": returned, "dead": dead, "cancelled": cancelled}
+                self._audit(cur, [_batch_entry(SYSTEM, "task.lease_expired", ids, detail)], now)
             if returned or undispatched:
                 self._after_submit(cur)
         return ReapReport(returned, dead, cancelled, max(0, undispatched))
 
     def plan(
-        self, planner: Planner, kinds: Mapping[str, KindSpec], ranker: Ranker | None = None
+        self,
+        planner: Planner,
+        kinds: Mapping[str, KindSpec],
+        ranker: Ranker | None = None,
+        provenance: Mapping[str, Any] | None = None,
     ) -> PlanReport:
         """Grant capacity to the ready tasks the planner picks, in one transaction.
 
@@ -629,6 +677,9 @@ class SqlStore:
                         "FROM v WHERE tasks.id = v.id AND tasks.state = 'ready'",
                         [*(x for c in chunk for x in (c.id, c.rank)), expires],
                     )
+                detail = {**(provenance or {}), "ranks": [c.rank for c in plan.starts]}
+                ids = [c.id for c in plan.starts]
+                self._audit(cur, [_batch_entry(SYSTEM, "task.granted", ids, detail)], now)
                 probes = {c.target for c in plan.starts} & {
                     t for t, s in targets.items() if s.breaker == "open"
                 }
@@ -866,9 +917,12 @@ class SqlStore:
             )
             ok_ids = {row[0] for row in cur.fetchall()}
             accepted.update((r.task_id, r.token) for r in chunk if r.task_id in ok_ids)
+        ended: dict[str, list[str]] = {"succeeded": [i for i, _ in sorted(accepted)]}
         for f in finishes:
-            if not f.result.ok and self._record_failure(cur, f, now, fenced):
+            state = None if f.result.ok else self._record_failure(cur, f, now, fenced)
+            if state is not None:
                 accepted.add((f.result.task_id, f.result.token))
+                ended.setdefault(state, []).append(f.result.task_id)
         outcomes = [f for f in finishes if (f.result.task_id, f.result.token) in accepted]
         # A conflict only comes from a late result accepted without fencing: what the
         # worker reports replaces the reaper's 'lost'.
@@ -893,11 +947,17 @@ class SqlStore:
             ],
         )
         self._update_targets(cur, outcomes, kinds, now)
+        if outcomes:
+            worker = Actor(worker_id, SYSTEM.role)
+            ids = [f.result.task_id for f in outcomes]
+            detail = {state: ids for state, ids in ended.items() if ids}
+            self._audit(cur, [_batch_entry(worker, "task.finished", ids, detail)], now)
         if any(not f.result.ok for f in outcomes):
             self._after_submit(cur)
         return [(f.result.task_id, f.result.token) in accepted for f in finishes]
 
-    def _record_failure(self, cur: Cursor, finish: Finish, now: float, fenced: bool) -> bool:
+    def _record_failure(self, cur: Cursor, finish: Finish, now: float, fenced: bool) -> str | None:
+        """The state a failed attempt leaves its task in; None when the result is refused."""
         r = finish.result
         if r.cancelled:
             state, run_at = "cancelled", None
@@ -919,14 +979,17 @@ class SqlStore:
                 *([r.token] if fenced else []),
             ],
         )
-        accepted = cur.rowcount == 1
-        if accepted and state == "retry_wait":  # an operator asked to cancel: no retry
+        if cur.rowcount != 1:
+            return None
+        if state == "retry_wait":  # an operator asked to cancel: no retry
             cur.execute(
                 "UPDATE tasks SET state = 'cancelled', run_at = NULL, finished_at = ? "
                 "WHERE id = ? AND cancel_requested = 1",
                 (now, r.task_id),
             )
-        return accepted
+            if cur.rowcount == 1:
+                return "cancelled"
+        return state
 
     def _update_targets(
         self, cur: Cursor, outcomes: Sequence[Finish], kinds: Mapping[str, KindSpec], now: float
@@ -980,6 +1043,15 @@ class SqlStore:
                     "WHERE state = 'leased' AND target = ?",
                     (target,),
                 )
+
+
+def _batch_entry(
+    actor: Actor, action: str, task_ids: Sequence[str], detail: Mapping[str, Any]
+) -> Entry:
+    """One record for a transaction's tasks: its subject is the task, or the first of them."""
+    subject = task_ids[0] if len(task_ids) == 1 else f"{task_ids[0]} +{len(task_ids) - 1}"
+    extra = {"bootstrap": True} if actor.bootstrap else {}
+    return Entry(actor.name, action, subject, {**detail, **extra, "tasks": list(task_ids)})
 
 
 def _reranked(candidates: list[Candidate], ranks: Sequence[float]) -> list[Candidate]:

@@ -23,6 +23,7 @@ from tactician.store.base import INSERT_COLUMNS, Cursor, SqlStore
 LEADER_LOCK = 0x7AC7_1C1A  # held by the active planner
 PLAN_LOCK = 0x7AC7_1C1B  # taken by every plan transaction
 MIGRATE_LOCK = 0x7AC7_1C1C
+AUDIT_LOCK = 0x7AC7_1C1D  # taken by every transaction that appends to the audit chain
 
 
 def _lock(key: int) -> str:
@@ -144,6 +145,9 @@ class PostgresStore(SqlStore):
 
     def _serialise_planners(self, cur: Cursor) -> None:
         cur.execute(f"SELECT pg_advisory_xact_lock({_lock(PLAN_LOCK)})")
+
+    def _serialise_audit(self, cur: Cursor) -> None:
+        cur.execute(f"SELECT pg_advisory_xact_lock({_lock(AUDIT_LOCK)})")
 
     def try_lead(self, holder: str, ttl: float) -> bool:
         """Hold the leader advisory lock on a connection of its own; it dies with the process."""

@@ -6,11 +6,14 @@ from the database's clock, so workers with skewed clocks cannot extend or steal 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from tactician.domain import Attempt, Claim, KindSpec, NewTask, Pool, Result, TargetState, Task
+from tactician.govern.audit import AuditRecord, Entry
+from tactician.govern.records import ApprovalRow, Deployment, NewApproval, Override, TokenRow
+from tactician.govern.roles import Actor, Role
 from tactician.plan.capacity import Candidate, CapacityView, Plan
 
 Planner = Callable[[list[Candidate], CapacityView, float, int], Plan]
@@ -137,7 +140,94 @@ class OutcomeRow:
         return self.outcome != "succeeded"
 
 
-class Store(Protocol):
+class GovernanceStore(Protocol):
+    """The gate's tables; every change also appends its audit record, in one transaction."""
+
+    def audit(self, *entries: Entry) -> None: ...
+
+    def audit_records(
+        self, since: float | None = None, after_seq: int = 0
+    ) -> Iterator[AuditRecord]: ...
+
+    def audit_head(self) -> tuple[int, str]: ...
+
+    def create_token(
+        self, token_id: str, name: str, role: Role, groups: Sequence[str], digest: str, actor: Actor
+    ) -> None: ...
+
+    def token_by_hash(self, digest: str) -> TokenRow | None: ...
+
+    def tokens(self) -> list[TokenRow]: ...
+
+    def revoke_token(self, name: str, actor: Actor) -> None: ...
+
+    def deploy_policy(
+        self,
+        version: str,
+        name: str,
+        text: str,
+        actor: Actor,
+        *,
+        slot: str = "live",
+        share: float | None = None,
+        split_by: str | None = None,
+        reason: str | None = None,
+    ) -> Deployment: ...
+
+    def clear_policy_slot(
+        self, slot: str, actor: Actor, reason: str | None = None
+    ) -> Deployment: ...
+
+    def rollback_policy(self, actor: Actor, reason: str | None = None) -> Deployment: ...
+
+    def deployments(self, slot: str | None = None, limit: int = 100) -> list[Deployment]: ...
+
+    def deployed(self) -> dict[str, tuple[Deployment, str]]: ...
+
+    def policy_text(self, version: str) -> str: ...
+
+    def require_approval(self, gated: Mapping[str, NewApproval], why: Mapping[str, str]) -> int: ...
+
+    def approvals(self, state: str | None = "pending", limit: int = 1000) -> list[ApprovalRow]: ...
+
+    def approval(self, task_id: str) -> ApprovalRow: ...
+
+    def vote(
+        self,
+        task_id: str,
+        actor: Actor,
+        verdict: str,
+        reason: str,
+        edits: Mapping[str, Any] | None = None,
+        now: float | None = None,
+    ) -> ApprovalRow: ...
+
+    def escalate_approval(self, task_id: str, steps: Sequence[int], now: float) -> None: ...
+
+    def expire_approval(self, task_id: str, now: float) -> ApprovalRow | None: ...
+
+    def set_override(
+        self,
+        task_id: str,
+        what: str,
+        value: float | None,
+        actor: Actor,
+        reason: str,
+        expires_at: float | None = None,
+    ) -> Override: ...
+
+    def clear_override(self, task_id: str, what: str, actor: Actor, reason: str) -> None: ...
+
+    def overrides(self) -> list[Override]: ...
+
+    def hold(self, task_id: str, actor: Actor, reason: str, until: float | None = None) -> Task: ...
+
+    def release(self, task_id: str, actor: Actor, reason: str) -> Task: ...
+
+    def expire_overrides(self, now: float) -> int: ...
+
+
+class Store(GovernanceStore, Protocol):
     url: str
 
     def close(self) -> None: ...
@@ -156,7 +246,14 @@ class Store(Protocol):
     def targets(self) -> list[TargetState]: ...
 
     # submitting and reading
-    def submit(self, tasks: Sequence[NewTask], kinds: Mapping[str, KindSpec]) -> list[str]: ...
+    def submit(
+        self,
+        tasks: Sequence[NewTask],
+        kinds: Mapping[str, KindSpec],
+        *,
+        actor: Actor = ...,
+        approvals: Mapping[int, NewApproval] | None = None,
+    ) -> list[str]: ...
 
     def get(self, task_id: str) -> Task: ...
 
@@ -171,9 +268,9 @@ class Store(Protocol):
         ...
 
     # operators
-    def cancel(self, task_id: str) -> Task: ...
+    def cancel(self, task_id: str, actor: Actor = ..., reason: str = "") -> Task: ...
 
-    def retry(self, task_id: str) -> Task: ...
+    def retry(self, task_id: str, actor: Actor = ...) -> Task: ...
 
     # the planner
     def try_lead(self, holder: str, ttl: float) -> bool: ...
@@ -185,14 +282,18 @@ class Store(Protocol):
     def reap(self) -> ReapReport: ...
 
     def plan(
-        self, planner: Planner, kinds: Mapping[str, KindSpec], ranker: Ranker | None = None
+        self,
+        planner: Planner,
+        kinds: Mapping[str, KindSpec],
+        ranker: Ranker | None = None,
+        provenance: Mapping[str, Any] | None = None,
     ) -> PlanReport: ...
 
     def waiting(self, limit: int) -> list[ReadyRow]:
         """Tasks not yet started (pending, ready, retry_wait, leased), earliest due first."""
         ...
 
-    def merge(self, primary: str, others: Sequence[str]) -> Task:
+    def merge(self, primary: str, others: Sequence[str], actor: Actor = ...) -> Task:
         """Fold `others` into `primary` (all of one kind, none started, none that another task
         depends on): they end `merged`, and the primary's payload gains their payloads under
         "merged", so one run handles them all."""
@@ -205,6 +306,8 @@ class Store(Protocol):
         weight: float | None = None,
         due_at: float | None = None,
         clear_due: bool = False,
+        actor: Actor = ...,
+        reason: str = "",
     ) -> Task:
         """Change a waiting or running task's weight or deadline; the next planning pass
         ranks it anew (and is woken for it)."""

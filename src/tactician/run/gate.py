@@ -1,0 +1,282 @@
+"""The gate as a service: who may do what, the live policy bundle, approvals over time.
+
+`Gate` is what the CLI (and the API) go through for every mutation: it checks the actor's role
+(a refusal is audited, then raised), applies the live bundle's approval rules to submitted tasks,
+casts votes, deploys and rolls back bundles, and mints tokens. `Gate.tick` is a planner hook:
+it sends due escalation notices, resolves expired approvals as their rule says, and ends
+overrides and holds whose time is up. Time comes from the injected clock, so a test can run a
+day of approvals in a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tactician.clock import SYSTEM_CLOCK, Clock
+from tactician.domain import NewTask
+from tactician.errors import Forbidden, InvalidInput, TacticianError
+from tactician.govern.approvals import RuleSpec, due_steps, first_static, is_sensitive
+from tactician.govern.audit import Entry
+from tactician.govern.policy import DEFAULT_BUNDLE, PolicyBundle, bundle_version, parse_bundle
+from tactician.govern.records import ApprovalRow, Deployment, NewApproval
+from tactician.govern.roles import (
+    SYSTEM,
+    Actor,
+    Operation,
+    Role,
+    allowed,
+    new_secret,
+    token_hash,
+)
+from tactician.ids import new_ids
+from tactician.run.notify import NOTIFY_KIND, Channel, notification, notify_kind
+from tactician.store.protocol import Store
+
+log = logging.getLogger("tactician.gate")
+
+POLICY_TTL_S = 1.0
+"""How long a read of the live bundle is reused (submissions read it on every batch)."""
+
+
+@dataclass(frozen=True)
+class LivePolicy:
+    bundle: PolicyBundle
+    version: str
+    rules: tuple[RuleSpec, ...]
+
+    @classmethod
+    def of(cls, bundle: PolicyBundle, version: str) -> LivePolicy:
+        return cls(bundle, version, tuple(rule_spec(r) for r in bundle.approvals))
+
+
+DEFAULT_POLICY = LivePolicy.of(DEFAULT_BUNDLE, "builtin")
+
+
+def rule_spec(rule: Any) -> RuleSpec:
+    """The gate's copy of a bundle's approval rule (kept in each approval it opens)."""
+    from tactician.govern.approvals import Match, Step
+
+    m = rule.match
+    return RuleSpec(
+        name=rule.name,
+        match=Match(
+            kinds=tuple(m.kinds or ()),
+            tags=tuple(m.tags or ()),
+            tenants=tuple(m.tenants or ()),
+            sensitive=m.sensitive,
+            actions=tuple(m.actions or ()),
+            confidence_below=m.confidence_below,
+            impact_above=m.impact_above,
+        ),
+        roles=tuple(rule.approvers.roles or ()),
+        groups=tuple(rule.approvers.groups or ()),
+        required=rule.required,
+        expires_after=float(rule.expires_after),
+        escalation=tuple(Step(float(s.after), s.notify) for s in rule.escalation or ()),
+        on_expiry=rule.on_expiry,
+        editable=tuple(rule.editable or ()),
+        offline=rule.offline,
+    )
+
+
+@dataclass
+class Gate:
+    store: Store
+    clock: Clock = SYSTEM_CLOCK
+    _cached: tuple[float, LivePolicy] | None = field(default=None, repr=False)
+
+    # --- who asks ------------------------------------------------------------------------
+
+    def actor(self, token: str | None, *, local_admin: str | None = None) -> Actor:
+        """The actor a bearer token names. Without a token, `local_admin` (a CLI with direct
+        access to the database file) acts as a bootstrap admin; otherwise a token is needed."""
+        if token:
+            row = self.store.token_by_hash(token_hash(token))
+            if row is None:
+                raise Forbidden("unknown token")
+            if row.revoked_at is not None:
+                raise Forbidden(f"token {row.name} was revoked")
+            return row.actor()
+        if local_admin is not None:
+            return Actor(local_admin, Role.ADMIN, bootstrap=True)
+        raise Forbidden("a token is needed: --token or TACTICIAN_TOKEN")
+
+    def authorize(self, actor: Actor, operation: Operation, subject: str = "-") -> None:
+        """Raise Forbidden unless the actor's role allows it; a refusal is audited first."""
+        if allowed(actor, operation):
+            return
+        detail: dict[str, Any] = {"operation": operation.value, "role": actor.role.value}
+        if actor.bootstrap:
+            detail["bootstrap"] = True
+        self.store.audit(Entry(actor.name, "access.refused", subject, detail))
+        raise Forbidden(f"{actor.name} ({actor.role}) may not {operation.value}")
+
+    # --- the live policy -----------------------------------------------------------------
+
+    def policy(self) -> LivePolicy:
+        now = time.monotonic()
+        if self._cached is not None and now - self._cached[0] < POLICY_TTL_S:
+            return self._cached[1]
+        live = self.store.deployed().get("live")
+        policy = DEFAULT_POLICY
+        if live is not None:
+            deployment, text = live
+            version = deployment.version or "builtin"
+            policy = LivePolicy.of(parse_bundle(text, f"policy {version[:12]}"), version)
+        self._cached = (now, policy)
+        return policy
+
+    def forget(self) -> None:
+        self._cached = None
+
+    def deploy(
+        self,
+        actor: Actor,
+        text: str,
+        filename: str,
+        *,
+        slot: str = "live",
+        share: float | None = None,
+        split_by: str | None = None,
+        reason: str | None = None,
+    ) -> Deployment:
+        """Validate and deploy a bundle; its pools take effect at once."""
+        self.authorize(actor, Operation.DEPLOY_POLICY, filename)
+        bundle = parse_bundle(text, filename)
+        if slot == "experiment":
+            if share is None or not 0 < share < 1:
+                raise InvalidInput("an experiment needs --share between 0 and 1")
+            if split_by not in ("task", "tenant"):
+                raise InvalidInput("an experiment splits by task or tenant")
+        version = bundle_version(text)
+        deployment = self.store.deploy_policy(
+            version,
+            bundle.name,
+            text,
+            actor,
+            slot=slot,
+            share=share,
+            split_by=split_by,
+            reason=reason,
+        )
+        if slot == "live":
+            self._apply(bundle)
+        self.forget()
+        return deployment
+
+    def rollback(self, actor: Actor, reason: str | None = None) -> Deployment:
+        self.authorize(actor, Operation.ROLLBACK_POLICY, "live")
+        deployment = self.store.rollback_policy(actor, reason)
+        if deployment.version is not None:
+            text = self.store.policy_text(deployment.version)
+            self._apply(parse_bundle(text, f"policy {deployment.version}"))
+        self.forget()
+        return deployment
+
+    def _apply(self, bundle: PolicyBundle) -> None:
+        for pool, capacity in bundle.pools.items():
+            self.store.set_pool(pool, capacity)
+
+    # --- approvals -----------------------------------------------------------------------
+
+    def approvals_for(self, tasks: Sequence[NewTask], actor: Actor) -> dict[int, NewApproval]:
+        """Task index → the approval its first matching static rule asks for."""
+        policy = self.policy()
+        if not policy.rules:
+            return {}
+        opened = {}
+        for i, task in enumerate(tasks):
+            rule = first_static(
+                policy.rules,
+                task.kind,
+                task.tags,
+                task.tenant,
+                is_sensitive(task.payload, task.tags),
+            )
+            if rule is not None:
+                opened[i] = NewApproval(rule, policy.version, actor.name)
+        return opened
+
+    def vote(
+        self,
+        actor: Actor,
+        task_id: str,
+        verdict: str,
+        reason: str,
+        edits: Mapping[str, Any] | None = None,
+    ) -> ApprovalRow:
+        self.authorize(actor, Operation.VOTE, task_id)
+        try:
+            return self.store.vote(task_id, actor, verdict, reason, edits, now=self.clock.now())
+        except Forbidden as exc:  # self-approval, or not among the rule's approvers
+            detail = {"operation": Operation.VOTE.value, "why": exc.message}
+            self.store.audit(Entry(actor.name, "access.refused", task_id, detail))
+            raise
+
+    def tick(self, now: float | None = None) -> int:
+        """Escalate, expire and release what is due (a planner hook); returns how many."""
+        now = self.clock.now() if now is None else now
+        done = self.store.expire_overrides(now)
+        channels = self.policy().bundle.channels
+        for approval in self.store.approvals("pending"):
+            if approval.expires_at <= now:
+                if self.store.expire_approval(approval.task_id, now) is not None:
+                    done += 1
+                continue
+            steps = due_steps(approval.rule, approval.requested_at, approval.escalated, now)
+            if steps:
+                self._notify(approval, steps, channels)
+                self.store.escalate_approval(approval.task_id, steps, now)
+                done += 1
+        return done
+
+    def _notify(
+        self, approval: ApprovalRow, steps: Sequence[int], channels: Mapping[str, Any]
+    ) -> None:
+        tasks = []
+        for step in steps:
+            name = approval.rule.escalation[step].notify
+            try:
+                channel = Channel.from_mapping(name, channels.get(name))
+            except TacticianError as exc:
+                log.error(
+                    "approval %s: escalation step %d not sent: %s", approval.task_id, step, exc
+                )
+                continue
+            subject = f"approval waiting: task {approval.task_id} ({approval.rule.name})"
+            text = (
+                f"Task {approval.task_id} has waited for approval since "
+                f"{approval.requested_at:.0f}; rule {approval.rule.name} needs "
+                f"{approval.tally().text()}. Escalation step {step + 1}."
+            )
+            tasks.append(
+                notification(
+                    channel,
+                    subject,
+                    text,
+                    event={"task_id": approval.task_id, "rule": approval.rule.name, "step": step},
+                    idempotency_key=f"escalation:{approval.task_id}:{step}",
+                )
+            )
+        if tasks:
+            self.store.submit(tasks, {NOTIFY_KIND: notify_kind()}, actor=SYSTEM)
+
+    # --- tokens --------------------------------------------------------------------------
+
+    def create_token(self, actor: Actor, name: str, role: Role, groups: Sequence[str] = ()) -> str:
+        """Mint a token and return its secret (shown once; only its hash is kept)."""
+        self.authorize(actor, Operation.CREATE_TOKEN, name)
+        if not name.strip() or len(name) > 100:
+            raise InvalidInput("a token needs a name of 1 to 100 characters")
+        secret = new_secret()
+        token_id = new_ids(1, self.clock.now())[0]
+        self.store.create_token(token_id, name, role, groups, token_hash(secret), actor)
+        return secret
+
+    def revoke_token(self, actor: Actor, name: str) -> None:
+        self.authorize(actor, Operation.REVOKE_TOKEN, name)
+        self.store.revoke_token(name, actor)

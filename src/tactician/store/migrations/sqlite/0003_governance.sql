@@ -1,0 +1,88 @@
+-- Governance: the audit chain, tokens, policy bundles and their deployments, approvals, overrides.
+
+-- Append-only and hash-chained: each record carries the hash of the one before it
+-- (tactician.govern.audit). `seq` is assigned by the writer as the previous seq + 1, so a
+-- deleted record leaves a gap that `audit verify` names.
+CREATE TABLE audit_log (
+    seq INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    detail TEXT NOT NULL,            -- canonical JSON, hashed as written
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX audit_log_at ON audit_log (at);
+CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: UPDATE refused'); END;
+CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: DELETE refused'); END;
+
+CREATE TABLE tokens (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    groups TEXT NOT NULL DEFAULT '[]',
+    hash TEXT NOT NULL UNIQUE,       -- SHA-256 of the secret; the secret itself is never stored
+    created_at REAL NOT NULL,
+    created_by TEXT NOT NULL,
+    revoked_at REAL
+);
+
+CREATE TABLE policies (
+    version TEXT PRIMARY KEY,        -- SHA-256 of the bundle's canonical JSON
+    name TEXT NOT NULL,
+    text TEXT NOT NULL,              -- the YAML as deployed
+    created_at REAL NOT NULL,
+    created_by TEXT NOT NULL
+);
+
+-- Every change of what runs live, in shadow or as an experiment; the latest row per slot wins.
+CREATE TABLE deployments (
+    seq INTEGER PRIMARY KEY,
+    slot TEXT NOT NULL,              -- live | shadow | experiment
+    version TEXT,                    -- NULL: the slot was cleared
+    share REAL,                      -- experiment: the share of tasks it decides
+    split_by TEXT,                   -- experiment: task | tenant
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    reason TEXT
+);
+CREATE INDEX deployments_slot ON deployments (slot, seq);
+
+CREATE TABLE approvals (
+    task_id TEXT PRIMARY KEY,
+    rule TEXT NOT NULL,              -- the rule as it was when the approval was asked (JSON)
+    policy_version TEXT NOT NULL,
+    requested_by TEXT NOT NULL,
+    requested_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    escalated INTEGER NOT NULL DEFAULT 0,   -- escalation steps already notified
+    state TEXT NOT NULL,             -- pending | approved | rejected
+    resolved_at REAL,
+    resolved_by TEXT,
+    reason TEXT
+);
+CREATE INDEX approvals_pending ON approvals (expires_at) WHERE state = 'pending';
+
+CREATE TABLE approval_votes (
+    task_id TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    verdict TEXT NOT NULL,           -- approve | reject
+    reason TEXT NOT NULL,
+    edits TEXT NOT NULL DEFAULT '{}',
+    at REAL NOT NULL,
+    PRIMARY KEY (task_id, actor)
+);
+
+CREATE TABLE overrides (
+    task_id TEXT NOT NULL,
+    what TEXT NOT NULL,              -- pin | run_now
+    value REAL,
+    actor TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL,
+    expires_at REAL,
+    PRIMARY KEY (task_id, what)
+);
