@@ -14,14 +14,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from tactician.clock import SYSTEM_CLOCK
-from tactician.decide.service import DecidePolicy, MergeRule
+from tactician.decide.decision import Decision, Tier
+from tactician.decide.service import DecidePolicy, MergeRule, decide, pending_reason
 from tactician.domain import ExecutorKind, KindSpec, NewTask, RateLimit, RetryPolicy, Task
 from tactician.errors import InvalidInput, TacticianError, UnknownKind
 from tactician.govern.roles import SYSTEM, Actor, Operation
 from tactician.run.advisor import AdvisorConfig, BackgroundAdvisor, LLMAdvisor
 from tactician.run.escalation import Escalator
 from tactician.run.executors import Handler
-from tactician.run.gate import Gate
+from tactician.run.gate import Gate, GateHook
 from tactician.run.merging import Merger
 from tactician.run.notify import NOTIFY_KIND, notify, notify_kind
 from tactician.run.planner import PlannerService
@@ -255,6 +256,9 @@ class Tactician:
             ScheduleService(self.store, self).fire_due,
             ranker.refresh,
         ]
+        gate_hook = GateHook(self.gate, ranker)
+        gate_hook.follow(self.gate.policy())  # the live bundle from the first pass on
+        hooks.append(gate_hook)
         escalator = self.escalator(ranker)
         if escalator is not None:
             hooks.append(escalator)
@@ -283,6 +287,47 @@ class Tactician:
             log.error("decision models unavailable, ranking without them: %s", exc)
             models = None
         return LiveRanker(make_scorer(self.settings.scorer, models), models, self.store)
+
+    def decisions(
+        self, now: float | None = None, explain: Sequence[str] = ()
+    ) -> tuple[list[Decision], dict[str, str], str]:
+        """The decision service's advice for every waiting task under the live policy and the
+        active models, operators' overrides shown; why each task waits; the scorer's name.
+        Tasks in `explain` carry their scorer's factors as reasons."""
+        from tactician.plan.capacity import CapacityView
+
+        policy = self.gate.policy()
+        ranker = self.ranker()
+        GateHook(self.gate, ranker).follow(policy)
+        waiting = self.store.waiting(self.settings.plan_batch)
+        usage = self.store.pools()
+        view = CapacityView(
+            pool_capacity={u.pool.name: u.pool.capacity for u in usage},
+            pool_used={u.pool.name: u.used for u in usage},
+        )
+        now = self.store.db_now() if now is None else now
+        snapshot, rows = ranker.snapshot(waiting, view, now)
+        rules = DecidePolicy(
+            version=policy.version,
+            confidence_threshold=policy.bundle.thresholds.confidence,
+        )
+        decisions = decide(
+            snapshot,
+            ranker.scorer,
+            rules,
+            model_version=ranker.model_version,
+            explain=[rows[t] for t in explain if t in rows],
+        )
+        overrides = {o.task_id: o for o in self.store.overrides()}
+        shown = []
+        for d in decisions:
+            o = overrides.get(d.task_id)
+            if o is not None and (o.expires_at is None or o.expires_at > now):
+                what = "run now" if o.what == "run_now" else f"score pinned at {o.value:g}"
+                d = d.evolve(tier=Tier.HUMAN, note=f"overridden by {o.actor}: {what} ({o.reason})")
+            shown.append(d)
+        reasons = {d.task_id: pending_reason(snapshot, rows[d.task_id], d) for d in shown}
+        return shown, reasons, ranker.scorer.name
 
     def run_worker(self, options: WorkerOptions | None = None) -> None:
         """Run a worker in this process until SIGTERM or SIGINT."""

@@ -318,57 +318,34 @@ def tasks_retry(
 @tasks_cli.command("why")
 def tasks_why(task_id: str, db: DbOption = None, as_json: JsonOption = False) -> None:
     """Why a task waits: its decision, pending reason and score broken down by factor."""
-    from tactician.decide.service import DecidePolicy, decide, pending_reason
-    from tactician.plan.capacity import CapacityView
-    from tactician.store.protocol import ReadyRow
-
     app = _open(db)
     task = app.get(task_id)
-    if task.state.is_final or task.state is TaskState.RUNNING:
-        where = f" on {task.worker_id}" if task.worker_id else ""
-        text = f"{task_id} is {task.state}{where}: no decision pending"
-        _print_json({"id": task_id, "state": str(task.state)}) if as_json else out.print(text)
-        return
-    waiting = app.store.waiting(app.settings.plan_batch)
-    if all(w.id != task_id for w in waiting):
-        waiting.append(
-            ReadyRow(
-                task.id,
-                task.kind,
-                task.pool,
-                task.units,
-                task.concurrency_key,
-                task.target,
-                0.0,
-                task.created_at,
-                task.release_at,
-                task.due_at,
-                task.weight,
-                task.estimate,
-                task.tenant,
-                task.attempt,
-                str(task.state),
-                json.dumps(task.payload),
+    if task.state.is_final or task.state in (
+        TaskState.RUNNING,
+        TaskState.AWAITING_APPROVAL,
+        TaskState.HELD,
+    ):
+        text = f"{task_id} is {task.state}: no decision pending"
+        if task.state is TaskState.RUNNING and task.worker_id:
+            text = f"{task_id} is running on {task.worker_id}: no decision pending"
+        elif task.state is TaskState.AWAITING_APPROVAL:
+            approval = app.store.approval(task_id)
+            text = (
+                f"{task_id} is awaiting approval: rule {approval.rule.name}, "
+                f"{approval.tally().text()}, asked by {approval.requested_by}"
             )
-        )
-    usage = app.store.pools()
-    view = CapacityView(
-        pool_capacity={u.pool.name: u.pool.capacity for u in usage},
-        pool_used={u.pool.name: u.used for u in usage},
-    )
-    ranker = app.ranker()
-    now = app.store.db_now()
-    snapshot, rows = ranker.snapshot(waiting, view, now)
-    row = rows[task_id]
-    decisions = decide(
-        snapshot,
-        ranker.scorer,
-        DecidePolicy(),
-        model_version=ranker.model_version,
-        explain=[row],
-    )
-    decision = next(d for d in decisions if d.task_id == task_id)
-    reason = pending_reason(snapshot, row, decision)
+        elif task.state is TaskState.HELD:
+            text = f"{task_id} is {task.last_error or 'held'}"
+        _print_json(
+            {"id": task_id, "state": str(task.state), "why": text}
+        ) if as_json else out.print(text)
+        return
+    decisions, reasons, scorer = app.decisions(explain=[task_id])
+    decision = next((d for d in decisions if d.task_id == task_id), None)
+    if decision is None:
+        raise InvalidInput(f"{task_id} is beyond the {app.settings.plan_batch} tasks ranked")
+    reason = reasons[task_id]
+    policy = decision.policy_version or ""
     if as_json:
         _print_json(
             {
@@ -380,7 +357,7 @@ def tasks_why(task_id: str, db: DbOption = None, as_json: JsonOption = False) ->
                     "score": decision.score,
                     "confidence": decision.confidence,
                     "tier": int(decision.tier),
-                    "scorer": ranker.scorer.name,
+                    "scorer": scorer,
                     "model_version": decision.model_version,
                     "policy_version": decision.policy_version,
                     "defer_until": decision.defer_until,
@@ -394,8 +371,8 @@ def tasks_why(task_id: str, db: DbOption = None, as_json: JsonOption = False) ->
     out.print(f"[bold]{task_id}[/bold] ({task.kind}) is {task.state}: {reason}")
     out.print(
         f"decision: {decision.action} · score {decision.score:.3f} (1 = next) · confidence "
-        f"{decision.confidence:.2f} · tier {int(decision.tier)} · scorer {ranker.scorer.name} "
-        f"· models {decision.model_version or 'none'} · policy {decision.policy_version}"
+        f"{decision.confidence:.2f} · tier {int(decision.tier)} · scorer {scorer} "
+        f"· models {decision.model_version or 'none'} · policy {policy[:12]}"
     )
     if decision.note:
         out.print(f"note: {decision.note}")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tactician.clock import SYSTEM_CLOCK, Clock
+from tactician.decide.learned import Objective
 from tactician.domain import NewTask
 from tactician.errors import Forbidden, InvalidInput, TacticianError
 from tactician.govern.approvals import RuleSpec, due_steps, first_static, is_sensitive
@@ -34,6 +35,7 @@ from tactician.govern.roles import (
 )
 from tactician.ids import new_ids
 from tactician.run.notify import NOTIFY_KIND, Channel, notification, notify_kind
+from tactician.run.ranking import LiveRanker, make_scorer
 from tactician.store.protocol import Store
 
 log = logging.getLogger("tactician.gate")
@@ -280,3 +282,51 @@ class Gate:
     def revoke_token(self, actor: Actor, name: str) -> None:
         self.authorize(actor, Operation.REVOKE_TOKEN, name)
         self.store.revoke_token(name, actor)
+
+
+@dataclass
+class GateHook:
+    """The gate inside the live planner (a hook, every half second): follow the live policy,
+    hand the ranker the operators' overrides, send the tasks the ranker kept back for a
+    decision-dependent rule to approval, and run `Gate.tick`."""
+
+    gate: Gate
+    ranker: LiveRanker
+
+    def __call__(self, now: float) -> int:
+        policy = self.gate.policy()
+        if policy.version != self.ranker.policy_version:
+            self.follow(policy)
+        self.ranker.overrides = {
+            o.task_id: (o.what, o.value, o.actor)
+            for o in self.gate.store.overrides()
+            if o.expires_at is None or o.expires_at > now
+        }
+        done = 0
+        gated, self.ranker.gated = self.ranker.gated, {}
+        if gated:
+            approvals = {
+                task_id: NewApproval(rule, policy.version, "tactician")
+                for task_id, (rule, _) in gated.items()
+            }
+            why = {task_id: text for task_id, (_, text) in gated.items()}
+            done += self.gate.store.require_approval(approvals, why)
+        return done + self.gate.tick(now)
+
+    def follow(self, policy: LivePolicy) -> None:
+        """Rank as `policy` says; with no bundle ever deployed, settings.scorer stands."""
+        if policy is DEFAULT_POLICY:
+            self.ranker.policy_version = policy.version
+            return
+        objective = policy.bundle.objective
+        scorer = make_scorer(
+            objective.scorer,
+            self.ranker.models,
+            Objective(
+                weight_exponent=objective.weight_exponent,
+                optimism=objective.optimism,
+                lst=objective.lst,
+            ),
+        )
+        self.ranker.use_policy(policy.version, scorer, policy.rules)
+        log.info("planner follows policy %s (%s)", policy.version[:12], policy.bundle.name)

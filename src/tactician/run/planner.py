@@ -102,7 +102,10 @@ class PlannerService:
         kinds = self.kinds()
         started = 0
         while True:
-            plan = self.store.plan(self.planner, kinds, self.ranker)
+            provenance = getattr(self.ranker, "provenance", None)
+            plan = self.store.plan(
+                self.planner, kinds, self.ranker, provenance() if provenance else None
+            )
             started += plan.started
             wake_in = plan.wake_in
             if plan.started < max(1, min(plan.considered, self.settings.plan_batch) // 2):

@@ -29,10 +29,11 @@ from tactician.decide.features import (
     Vocabulary,
     payload_features,
 )
-from tactician.decide.learned import Learned
+from tactician.decide.learned import Learned, Objective
 from tactician.decide.predictors import ModelSet
 from tactician.decide.scorers import PoolView, RankRequest, Scorer, get_scorer
-from tactician.decide.service import Snapshot
+from tactician.decide.service import Snapshot, confidence, spread_confidence
+from tactician.govern.approvals import RuleSpec
 from tactician.plan.capacity import CapacityView
 from tactician.store.protocol import ReadyRow, Store
 
@@ -52,10 +53,26 @@ def _features(payload: str) -> dict[str, FeatureValue]:
     return payload_features(value) if isinstance(value, dict) else {}
 
 
-def make_scorer(name: str, models: ModelSet | None) -> Scorer:
+CONFIDENT = 0.3
+"""Below this spread confidence the decision service escalates (the gate's "escalate")."""
+
+
+def _tags(task: ReadyRow) -> tuple[str, ...]:
+    try:
+        value = json.loads(task.tags)
+    except ValueError:
+        return ()
+    return tuple(str(t) for t in value) if isinstance(value, list) else ()
+
+
+def _sensitive(features: Mapping[str, FeatureValue]) -> bool:
+    return features.get("sensitive") is True
+
+
+def make_scorer(name: str, models: ModelSet | None, objective: Objective | None = None) -> Scorer:
     """The scorer a policy names, with the registry's active models for `learned`."""
     if name == "learned":
-        return Learned(models=models, learn=False)
+        return Learned(objective, models=models, learn=False)
     return get_scorer(name)
 
 
@@ -69,6 +86,14 @@ class LiveRanker:
         self.history = KindHistory()
         self.advice: dict[str, tuple[Decision, float]] = {}
         """Task id → tier 2's decision and how far it moved the score (set by `Escalator`)."""
+        self.policy_version = "builtin"
+        self.overrides: dict[str, tuple[str, float | None, str]] = {}
+        """Task id → an operator's override (pin or run_now, its value, who set it)."""
+        self.gate_rules: tuple[RuleSpec, ...] = ()
+        """The policy's approval rules that depend on the decision (action, confidence,
+        impact): a ready task they match is kept out of every pass and listed in `gated`."""
+        self.gated: dict[str, tuple[RuleSpec, str]] = {}
+        """Task id → the rule that sends it to approval and why (taken by the gate hook)."""
         self._history_at: float | None = None
         self._refreshed = -math.inf
         self._reset()
@@ -78,6 +103,21 @@ class LiveRanker:
         anew)."""
         self.models = models
         self._reset()
+
+    def use_policy(self, version: str, scorer: Scorer, gate_rules: Sequence[RuleSpec] = ()) -> None:
+        """Rank with a newly deployed (or rolled back) bundle's scorer and rules."""
+        self.policy_version = version
+        self.scorer = scorer
+        self.gate_rules = tuple(r for r in gate_rules if r.match.needs_decision)
+        self._reset()
+
+    def provenance(self) -> dict[str, str | None]:
+        """What made this pass's ranks: recorded with every start in the audit chain."""
+        return {
+            "policy": self.policy_version,
+            "model": self.model_version,
+            "scorer": self.scorer.name,
+        }
 
     def _reset(self) -> None:
         """A new backlog (and a new learned scorer: its per-row state refers to old rows)."""
@@ -164,7 +204,56 @@ class LiveRanker:
         ranks = self.scorer.rank(RankRequest(self.backlog, rows, now, self.pools(view)))
         if self.advice:
             ranks = self._advised(ready, ranks, now)
+        if self.overrides:
+            ranks = self._overridden(ready, ranks)
+        if self.gate_rules:
+            ranks = self._gate(ready, rows, ranks, now)
         return [float(r) for r in ranks]
+
+    def _overridden(self, ready: Sequence[ReadyRow], ranks: np.ndarray) -> np.ndarray:
+        """An operator's word over the scorer's: run_now goes first; a pinned score s takes
+        the place a fraction 1 - s down the pass's order. Capacity and approvals still apply:
+        the planner only starts what fits, and a task awaiting approval is never ready."""
+        ranks = np.array(ranks, dtype=np.float64)
+        ordered = np.sort(ranks)
+        for k, task in enumerate(ready):
+            found = self.overrides.get(task.id)
+            if found is None:
+                continue
+            what, value, _ = found
+            if what == "run_now":
+                ranks[k] = -math.inf
+            elif value is not None:
+                target = round((1.0 - value) * (len(ordered) - 1))
+                ranks[k] = math.nextafter(float(ordered[target]), -math.inf)
+        return ranks
+
+    def _gate(
+        self, ready: Sequence[ReadyRow], rows: np.ndarray, ranks: np.ndarray, now: float
+    ) -> np.ndarray:
+        """Keep out of the pass every ready task a decision-dependent rule sends to approval,
+        whatever its rank (advice and overrides included): the model advises, policy decides."""
+        backlog = self.backlog
+        sure = confidence(backlog, rows)
+        p50 = np.nan_to_num(backlog.p50[rows], nan=0.0)
+        late = np.maximum(0.0, now + p50 - np.nan_to_num(backlog.due[rows], nan=math.inf))
+        impact = backlog.weight[rows] * late
+        escalate = backlog.ood[rows] | (spread_confidence(backlog, rows) < CONFIDENT)
+        ranks = np.array(ranks, dtype=np.float64)
+        for k, task in enumerate(ready):
+            if task.state != "ready":
+                continue
+            features = _features(task.payload)
+            for rule in self.gate_rules:
+                action = "escalate" if escalate[k] else "run"
+                if not rule.match.static(task.kind, _tags(task), task.tenant, _sensitive(features)):
+                    continue
+                if rule.match.decided(action, float(sure[k]), float(impact[k])):
+                    ranks[k] = math.inf
+                    why = f"{action}, confidence {sure[k]:.2f}, impact {impact[k]:.3g}"
+                    self.gated[task.id] = (rule, why)
+                    break
+        return ranks
 
     def _advised(self, ready: Sequence[ReadyRow], ranks: np.ndarray, now: float) -> np.ndarray:
         """Tier 2's answers on top of tier 1's ranks: a deferral keeps the task out of this

@@ -68,7 +68,7 @@ _READY_COLUMNS = (
     "id, kind, pool, units, concurrency_key, target, due_sort, created_at, release_at, due_at, "
     "weight, estimate, tenant, attempt, state, payload, "
     "(SELECT coalesce(sum(c.weight), 0) FROM task_deps d JOIN tasks c ON c.id = d.task_id "
-    "WHERE d.depends_on = tasks.id AND c.state = 'pending')"
+    "WHERE d.depends_on = tasks.id AND c.state = 'pending'), tags"
 )
 """The columns of a `ReadyRow`, in order (the first seven are a `Candidate`'s)."""
 # States a dependency can end in without succeeding: its dependents die too.

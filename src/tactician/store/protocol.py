@@ -41,6 +41,8 @@ class ReadyRow(NamedTuple):
     """The task's payload as JSON text: its top-level scalars are the task's features."""
     dependents: float = 0.0
     """The weight of the unfinished tasks that depend on this one."""
+    tags: str = "[]"
+    """The task's tags as a JSON list."""
 
 
 Ranker = Callable[[Sequence[ReadyRow], CapacityView, float], Sequence[float]]
