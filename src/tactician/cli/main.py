@@ -686,7 +686,7 @@ def _logging() -> None:
 
 def main() -> None:
     try:
-        cli(standalone_mode=False)
+        code = cli(standalone_mode=False)
     except TacticianError as exc:
         sys.stderr.write(f"error: {exc.message}\n")
         sys.exit(2)
@@ -701,3 +701,5 @@ def main() -> None:
             sys.stderr.write(f"error: {exc.format_message()}\n")
             sys.exit(2)
         raise
+    if isinstance(code, int) and code:  # typer.Exit(n) returns n outside standalone mode
+        sys.exit(code)

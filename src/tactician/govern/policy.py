@@ -170,26 +170,23 @@ class PolicyBundle(_Model):
         default_factory=dict
     )
 
-    @model_validator(mode="after")
-    def _references(self) -> PolicyBundle:
-        _unique([r.name for r in self.approvals], "approval rule")
-        _unique([t.name for t in self.templates], "template")
-        for rule in self.approvals:
-            for step in rule.escalation:
-                if step.notify not in self.channels:
-                    raise ValueError(
-                        f"rule {rule.name}: escalation notifies {step.notify!r}, "
-                        "which is not a channel of this bundle"
-                    )
-        return self
 
-
-def _unique(names: Sequence[str], what: str) -> None:
-    seen = set()
-    for name in names:
-        if name in seen:
-            raise ValueError(f"two {what}s are named {name!r}")
-        seen.add(name)
+def _references(bundle: PolicyBundle) -> tuple[tuple[Any, ...], str] | None:
+    """The first name that clashes or points nowhere: its location and the problem."""
+    names = {
+        "approvals": [r.name for r in bundle.approvals],
+        "templates": [t.name for t in bundle.templates],
+    }
+    for what, listed in names.items():
+        for i, name in enumerate(listed):
+            if name in listed[:i]:
+                return (what, i, "name"), f"another entry is already named {name!r}"
+    for i, rule in enumerate(bundle.approvals):
+        for j, step in enumerate(rule.escalation):
+            if step.notify not in bundle.channels:
+                place = ("approvals", i, "escalation", j, "notify")
+                return place, f"{step.notify!r} is not a channel of this bundle"
+    return None
 
 
 DEFAULT_BUNDLE = PolicyBundle(name="builtin")
@@ -209,16 +206,20 @@ def parse_bundle(text: str, filename: str = "policy.yaml") -> PolicyBundle:
     if not isinstance(data, dict) or root is None:
         raise BundleError(f"{filename}:1: a bundle is a mapping of fields (name, approvals, ...)")
     try:
-        return PolicyBundle.model_validate(data)
+        bundle = PolicyBundle.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
         loc = tuple(error["loc"])
-        line = _line(root, loc, error["type"])
         message = str(error["msg"]).removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown field"
-        return_path = _path(loc) or "(bundle)"
-        raise BundleError(f"{filename}:{line}: {return_path}: {message}") from None
+        line = _line(root, loc, error["type"])
+        raise BundleError(f"{filename}:{line}: {_path(loc) or '(bundle)'}: {message}") from None
+    problem = _references(bundle)
+    if problem is not None:
+        loc, message = problem
+        raise BundleError(f"{filename}:{_line(root, loc, '')}: {_path(loc)}: {message}")
+    return bundle
 
 
 def _path(loc: Sequence[Any]) -> str:
