@@ -71,3 +71,31 @@ class NewApproval:
     rule: RuleSpec
     policy_version: str
     requested_by: str
+
+
+@dataclass(frozen=True)
+class DecisionRow:
+    """One bundle's first decision on a task, kept to compare bundles (live beside shadow)."""
+
+    task_id: str
+    slot: str
+    version: str
+    position: float
+    """0: first of its planning pass, 1: last."""
+    action: str
+    confidence: float
+    decided_at: float
+
+
+@dataclass(frozen=True)
+class OutcomeOfTask:
+    """A finished task as a bundle comparison sees it."""
+
+    task_id: str
+    tenant: str
+    created_at: float
+    due_at: float | None
+    finished_at: float | None
+    weight: float
+    state: str
+    asked_approval: bool

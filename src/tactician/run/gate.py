@@ -11,6 +11,7 @@ day of approvals in a second.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,12 +19,15 @@ from typing import Any
 
 from tactician.clock import SYSTEM_CLOCK, Clock
 from tactician.decide.learned import Objective
+from tactician.decide.predictors import ModelSet
+from tactician.decide.scorers import Scorer
+from tactician.decide.service import DecidePolicy, decide
 from tactician.domain import NewTask
 from tactician.errors import Forbidden, InvalidInput, TacticianError
 from tactician.govern.approvals import RuleSpec, due_steps, first_static, is_sensitive
 from tactician.govern.audit import Entry
 from tactician.govern.policy import DEFAULT_BUNDLE, PolicyBundle, bundle_version, parse_bundle
-from tactician.govern.records import ApprovalRow, Deployment, NewApproval
+from tactician.govern.records import ApprovalRow, DecisionRow, Deployment, NewApproval
 from tactician.govern.roles import (
     SYSTEM,
     Actor,
@@ -34,12 +38,15 @@ from tactician.govern.roles import (
     token_hash,
 )
 from tactician.ids import new_ids
+from tactician.plan.capacity import CapacityView
 from tactician.run.notify import NOTIFY_KIND, Channel, notification, notify_kind
-from tactician.run.ranking import LiveRanker, make_scorer
+from tactician.run.ranking import Experiment, LiveRanker, make_scorer
 from tactician.store.protocol import Store
 
 log = logging.getLogger("tactician.gate")
 
+SHADOW_BATCH = 5000
+"""Ready tasks the shadow comparison decides at a time."""
 POLICY_TTL_S = 1.0
 """How long a read of the live bundle is reused (submissions read it on every batch)."""
 
@@ -56,6 +63,12 @@ class LivePolicy:
 
 
 DEFAULT_POLICY = LivePolicy.of(DEFAULT_BUNDLE, "builtin")
+
+
+@dataclass(frozen=True)
+class Deployed:
+    policy: LivePolicy
+    deployment: Deployment
 
 
 def rule_spec(rule: Any) -> RuleSpec:
@@ -89,7 +102,7 @@ def rule_spec(rule: Any) -> RuleSpec:
 class Gate:
     store: Store
     clock: Clock = SYSTEM_CLOCK
-    _cached: tuple[float, LivePolicy] | None = field(default=None, repr=False)
+    _cached: tuple[float, dict[str, Deployed]] | None = field(default=None, repr=False)
 
     # --- who asks ------------------------------------------------------------------------
 
@@ -120,17 +133,22 @@ class Gate:
     # --- the live policy -----------------------------------------------------------------
 
     def policy(self) -> LivePolicy:
+        """The live bundle (the built-in one until a bundle is deployed)."""
+        live = self.slots().get("live")
+        return DEFAULT_POLICY if live is None else live.policy
+
+    def slots(self) -> dict[str, Deployed]:
+        """Live, shadow and experiment bundles as deployed now (read at most once a second)."""
         now = time.monotonic()
         if self._cached is not None and now - self._cached[0] < POLICY_TTL_S:
             return self._cached[1]
-        live = self.store.deployed().get("live")
-        policy = DEFAULT_POLICY
-        if live is not None:
-            deployment, text = live
+        slots = {}
+        for slot, (deployment, text) in self.store.deployed().items():
             version = deployment.version or "builtin"
-            policy = LivePolicy.of(parse_bundle(text, f"policy {version[:12]}"), version)
-        self._cached = (now, policy)
-        return policy
+            bundle = parse_bundle(text, f"policy {version[:12]}")
+            slots[slot] = Deployed(LivePolicy.of(bundle, version), deployment)
+        self._cached = (now, slots)
+        return slots
 
     def forget(self) -> None:
         self._cached = None
@@ -284,19 +302,42 @@ class Gate:
         self.store.revoke_token(name, actor)
 
 
+SHADOW_EVERY_S = 10.0
+"""How often the shadow bundle decides the waiting tasks beside the live one."""
+
+
+def scorer_for(policy: LivePolicy, models: ModelSet | None) -> Scorer:
+    objective = policy.bundle.objective
+    return make_scorer(
+        objective.scorer,
+        models,
+        Objective(
+            weight_exponent=objective.weight_exponent,
+            optimism=objective.optimism,
+            lst=objective.lst,
+        ),
+    )
+
+
 @dataclass
 class GateHook:
-    """The gate inside the live planner (a hook, every half second): follow the live policy,
-    hand the ranker the operators' overrides, send the tasks the ranker kept back for a
-    decision-dependent rule to approval, and run `Gate.tick`."""
+    """The gate inside the live planner (a hook, every half second): follow the deployed
+    bundles (live, experiment), hand the ranker the operators' overrides, send the tasks the
+    ranker kept back for a decision-dependent rule to approval, let the shadow bundle decide
+    beside the live one, and run `Gate.tick`."""
 
     gate: Gate
     ranker: LiveRanker
+    shadow_every_s: float = SHADOW_EVERY_S
+    _experiment: str | None = None
+    _shadow_at: float = -math.inf
 
     def __call__(self, now: float) -> int:
+        slots = self.gate.slots()
         policy = self.gate.policy()
         if policy.version != self.ranker.policy_version:
             self.follow(policy)
+        self._follow_experiment(slots.get("experiment"))
         self.ranker.overrides = {
             o.task_id: (o.what, o.value, o.actor)
             for o in self.gate.store.overrides()
@@ -311,6 +352,10 @@ class GateHook:
             }
             why = {task_id: text for task_id, (_, text) in gated.items()}
             done += self.gate.store.require_approval(approvals, why)
+        shadow = slots.get("shadow")
+        if shadow is not None and now - self._shadow_at >= self.shadow_every_s:
+            self._shadow_at = now
+            self.shadow(policy, shadow.policy, now)
         return done + self.gate.tick(now)
 
     def follow(self, policy: LivePolicy) -> None:
@@ -318,15 +363,59 @@ class GateHook:
         if policy is DEFAULT_POLICY:
             self.ranker.policy_version = policy.version
             return
-        objective = policy.bundle.objective
-        scorer = make_scorer(
-            objective.scorer,
-            self.ranker.models,
-            Objective(
-                weight_exponent=objective.weight_exponent,
-                optimism=objective.optimism,
-                lst=objective.lst,
-            ),
-        )
-        self.ranker.use_policy(policy.version, scorer, policy.rules)
+        self.ranker.use_policy(policy.version, scorer_for(policy, self.ranker.models), policy.rules)
         log.info("planner follows policy %s (%s)", policy.version[:12], policy.bundle.name)
+
+    def _follow_experiment(self, deployed: Deployed | None) -> None:
+        version = None if deployed is None else deployed.policy.version
+        if version == self._experiment:
+            return
+        self._experiment = version
+        if deployed is None:
+            self.ranker.use_experiment(None)
+            return
+        d = deployed.deployment
+        other = deployed.policy
+        self.ranker.use_experiment(
+            Experiment(
+                other.version,
+                d.share or 0.0,
+                d.split_by or "task",
+                lambda: scorer_for(other, self.ranker.models),
+            )
+        )
+        log.info("A/B: policy %s decides %.0f%% of tasks", other.version[:12], 100 * (d.share or 0))
+
+    def shadow(self, live: LivePolicy, shadow: LivePolicy, now: float) -> int:
+        """Both bundles decide the ready tasks; each one's first decision per task is kept.
+        The shadow's are never acted on. Returns how many tasks were decided."""
+        store = self.gate.store
+        waiting = [w for w in store.waiting(SHADOW_BATCH) if w.state == "ready"]
+        if not waiting:
+            return 0
+        usage = store.pools()
+        view = CapacityView(
+            pool_capacity={u.pool.name: u.pool.capacity for u in usage},
+            pool_used={u.pool.name: u.used for u in usage},
+        )
+        snapshot, _ = self.ranker.snapshot(waiting, view, now)
+        rows: list[DecisionRow] = []
+        for slot, policy, scorer in (
+            ("live", live, self.ranker.scorer),
+            ("shadow", shadow, scorer_for(shadow, self.ranker.models)),
+        ):
+            rules = DecidePolicy(policy.version, policy.bundle.thresholds.confidence)
+            for d in decide(snapshot, scorer, rules, model_version=self.ranker.model_version):
+                rows.append(
+                    DecisionRow(
+                        d.task_id,
+                        slot,
+                        policy.version,
+                        1.0 - d.score,
+                        d.action.value,
+                        d.confidence,
+                        now,
+                    )
+                )
+        store.record_decisions(rows)
+        return len(waiting)

@@ -103,9 +103,7 @@ class PlannerService:
         started = 0
         while True:
             provenance = getattr(self.ranker, "provenance", None)
-            plan = self.store.plan(
-                self.planner, kinds, self.ranker, provenance() if provenance else None
-            )
+            plan = self.store.plan(self.planner, kinds, self.ranker, provenance)
             started += plan.started
             wake_in = plan.wake_in
             if plan.started < max(1, min(plan.considered, self.settings.plan_batch) // 2):

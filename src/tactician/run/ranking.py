@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +36,7 @@ from tactician.decide.predictors import ModelSet
 from tactician.decide.scorers import PoolView, RankRequest, Scorer, get_scorer
 from tactician.decide.service import Snapshot, confidence, spread_confidence
 from tactician.govern.approvals import RuleSpec
+from tactician.govern.compare import in_experiment
 from tactician.plan.capacity import CapacityView
 from tactician.store.protocol import ReadyRow, Store
 
@@ -69,11 +72,31 @@ def _sensitive(features: Mapping[str, FeatureValue]) -> bool:
     return features.get("sensitive") is True
 
 
+def _positions(ranks: np.ndarray) -> np.ndarray:
+    """0 for the first, 1 for the last (ties in input order)."""
+    order = np.argsort(ranks, kind="stable")
+    positions = np.empty(len(ranks), dtype=np.float64)
+    positions[order] = np.arange(len(ranks)) / max(1, len(ranks) - 1)
+    return positions
+
+
 def make_scorer(name: str, models: ModelSet | None, objective: Objective | None = None) -> Scorer:
     """The scorer a policy names, with the registry's active models for `learned`."""
     if name == "learned":
         return Learned(objective, models=models, learn=False)
     return get_scorer(name)
+
+
+@dataclass
+class Experiment:
+    """An A/B split: the experiment bundle's scorer orders its share of the tasks."""
+
+    version: str
+    share: float
+    split_by: str
+    make: Callable[[], Scorer]
+    """A fresh scorer (one per backlog: a learned scorer keeps per-row state)."""
+    scorer: Scorer | None = None
 
 
 class LiveRanker:
@@ -93,6 +116,8 @@ class LiveRanker:
         """The policy's approval rules that depend on the decision (action, confidence,
         impact): a ready task they match is kept out of every pass and listed in `gated`."""
         self.gated: dict[str, tuple[RuleSpec, str]] = {}
+        self.experiment: Experiment | None = None
+        self._arms: set[str] = set()
         """Task id → the rule that sends it to approval and why (taken by the gate hook)."""
         self._history_at: float | None = None
         self._refreshed = -math.inf
@@ -111,17 +136,28 @@ class LiveRanker:
         self.gate_rules = tuple(r for r in gate_rules if r.match.needs_decision)
         self._reset()
 
-    def provenance(self) -> dict[str, str | None]:
+    def use_experiment(self, experiment: Experiment | None) -> None:
+        self.experiment = experiment
+        if experiment is not None:
+            experiment.scorer = experiment.make()
+
+    def provenance(self, started: Sequence[str]) -> dict[str, Any]:
         """What made this pass's ranks: recorded with every start in the audit chain."""
-        return {
+        made: dict[str, Any] = {
             "policy": self.policy_version,
             "model": self.model_version,
             "scorer": self.scorer.name,
         }
+        if self.experiment is not None:
+            made["experiment"] = self.experiment.version
+            made["experiment_tasks"] = [t for t in started if t in self._arms]
+        return made
 
     def _reset(self) -> None:
         """A new backlog (and a new learned scorer: its per-row state refers to old rows)."""
         models = self.models
+        if self.experiment is not None:
+            self.experiment.scorer = self.experiment.make()
         if isinstance(self.scorer, Learned):
             self.scorer = Learned(self.scorer.objective, models, learn=False)
         self.backlog = Backlog(
@@ -201,7 +237,10 @@ class LiveRanker:
 
     def __call__(self, ready: Sequence[ReadyRow], view: CapacityView, now: float) -> list[float]:
         rows = self.rows_of(ready)
-        ranks = self.scorer.rank(RankRequest(self.backlog, rows, now, self.pools(view)))
+        request = RankRequest(self.backlog, rows, now, self.pools(view))
+        ranks = self.scorer.rank(request)
+        if self.experiment is not None:
+            ranks = self._split(ready, request, ranks)
         if self.advice:
             ranks = self._advised(ready, ranks, now)
         if self.overrides:
@@ -209,6 +248,28 @@ class LiveRanker:
         if self.gate_rules:
             ranks = self._gate(ready, rows, ranks, now)
         return [float(r) for r in ranks]
+
+    def _split(
+        self, ready: Sequence[ReadyRow], request: RankRequest, ranks: np.ndarray
+    ) -> np.ndarray:
+        """Each bundle orders its own tasks; they interleave by their place in that order (the
+        two scorers' ranks are on different scales, their positions are not)."""
+        experiment = self.experiment
+        assert experiment is not None and experiment.scorer is not None
+        arm = np.array(
+            [
+                in_experiment(
+                    t.id, t.tenant, experiment.share, experiment.split_by, experiment.version
+                )
+                for t in ready
+            ],
+            dtype=bool,
+        )
+        self._arms = {t.id for t, b in zip(ready, arm, strict=True) if b}
+        if not arm.any():
+            return ranks
+        other = experiment.scorer.rank(request)
+        return np.where(arm, _positions(other), _positions(ranks))
 
     def _overridden(self, ready: Sequence[ReadyRow], ranks: np.ndarray) -> np.ndarray:
         """An operator's word over the scorer's: run_now goes first; a pinned score s takes

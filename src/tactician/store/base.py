@@ -42,6 +42,7 @@ from tactician.store.protocol import (
     Planner,
     PlanReport,
     PoolUsage,
+    Provenance,
     Ranker,
     ReadyRow,
     ReapReport,
@@ -642,7 +643,7 @@ class SqlStore(GovernanceMixin):
         planner: Planner,
         kinds: Mapping[str, KindSpec],
         ranker: Ranker | None = None,
-        provenance: Mapping[str, Any] | None = None,
+        provenance: Provenance | None = None,
     ) -> PlanReport:
         """Grant capacity to the ready tasks the planner picks, in one transaction.
 
@@ -677,8 +678,9 @@ class SqlStore(GovernanceMixin):
                         "FROM v WHERE tasks.id = v.id AND tasks.state = 'ready'",
                         [*(x for c in chunk for x in (c.id, c.rank)), expires],
                     )
-                detail = {**(provenance or {}), "ranks": [c.rank for c in plan.starts]}
                 ids = [c.id for c in plan.starts]
+                made = provenance(ids) if provenance is not None else {}
+                detail = {**made, "ranks": [c.rank for c in plan.starts]}
                 self._audit(cur, [_batch_entry(SYSTEM, "task.granted", ids, detail)], now)
                 probes = {c.target for c in plan.starts} & {
                     t for t, s in targets.items() if s.breaker == "open"

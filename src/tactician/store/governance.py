@@ -24,8 +24,10 @@ from tactician.govern.approvals import (
 from tactician.govern.audit import GENESIS, AuditRecord, Entry, canonical_json, chain
 from tactician.govern.records import (
     ApprovalRow,
+    DecisionRow,
     Deployment,
     NewApproval,
+    OutcomeOfTask,
     Override,
     TokenRow,
 )
@@ -248,6 +250,51 @@ class GovernanceMixin:
             what = "no policy version" if not rows else "more than one policy version"
             raise NotFound(f"{what} starts with {version!r}")
         return str(rows[0][0])
+
+    # --- comparing bundles ---------------------------------------------------------------
+
+    def record_decisions(self, rows: Sequence[DecisionRow]) -> None:
+        """Keep each bundle's first decision on each task (later ones are ignored)."""
+        if not rows:
+            return
+        with self._tx() as cur:
+            cur.executemany(
+                "INSERT INTO decisions (task_id, slot, version, position, action, confidence, "
+                "decided_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [
+                    (r.task_id, r.slot, r.version, r.position, r.action, r.confidence, r.decided_at)
+                    for r in rows
+                ],
+            )
+
+    def recorded_decisions(self, version: str, since: float | None = None) -> list[DecisionRow]:
+        params: list[Any]
+        where, params = "version = ?", [version]
+        if since is not None:
+            where, params = "version = ? AND decided_at >= ?", [version, since]
+        with self._read() as cur:
+            cur.execute(
+                "SELECT task_id, slot, version, position, action, confidence, decided_at "
+                f"FROM decisions WHERE {where} ORDER BY task_id",
+                params,
+            )
+            return [DecisionRow(*row) for row in cur.fetchall()]
+
+    def finished_since(self, since: float) -> list[OutcomeOfTask]:
+        """Tasks created at or after `since` that have ended, with whether they were sent to
+        approval (the outcomes an A/B comparison scores)."""
+        with self._read() as cur:
+            cur.execute(
+                "SELECT t.id, t.tenant, t.created_at, t.due_at, t.finished_at, t.weight, "
+                "t.state, a.task_id IS NOT NULL FROM tasks t LEFT JOIN approvals a ON "
+                "a.task_id = t.id WHERE t.created_at >= ? AND t.state IN ('succeeded', 'dead', "
+                "'cancelled', 'rejected', 'expired') ORDER BY t.id",
+                (since,),
+            )
+            return [
+                OutcomeOfTask(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]))
+                for row in cur.fetchall()
+            ]
 
     # --- approvals -----------------------------------------------------------------------
 

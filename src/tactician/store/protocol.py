@@ -12,7 +12,15 @@ from typing import Any, NamedTuple, Protocol
 
 from tactician.domain import Attempt, Claim, KindSpec, NewTask, Pool, Result, TargetState, Task
 from tactician.govern.audit import AuditRecord, Entry
-from tactician.govern.records import ApprovalRow, Deployment, NewApproval, Override, TokenRow
+from tactician.govern.records import (
+    ApprovalRow,
+    DecisionRow,
+    Deployment,
+    NewApproval,
+    OutcomeOfTask,
+    Override,
+    TokenRow,
+)
 from tactician.govern.roles import Actor, Role
 from tactician.plan.capacity import Candidate, CapacityView, Plan
 
@@ -47,6 +55,9 @@ class ReadyRow(NamedTuple):
 
 Ranker = Callable[[Sequence[ReadyRow], CapacityView, float], Sequence[float]]
 """Ranks a planning pass's ready tasks (lower starts first): the decision service's scorer."""
+Provenance = Callable[[Sequence[str]], Mapping[str, Any]]
+"""Given the tasks a pass started, what decided them (policy, model, scorer, experiment arm):
+kept in the audit record of the pass."""
 
 
 @dataclass(frozen=True)
@@ -228,6 +239,12 @@ class GovernanceStore(Protocol):
 
     def expire_overrides(self, now: float) -> int: ...
 
+    def record_decisions(self, rows: Sequence[DecisionRow]) -> None: ...
+
+    def recorded_decisions(self, version: str, since: float | None = None) -> list[DecisionRow]: ...
+
+    def finished_since(self, since: float) -> list[OutcomeOfTask]: ...
+
 
 class Store(GovernanceStore, Protocol):
     url: str
@@ -288,7 +305,7 @@ class Store(GovernanceStore, Protocol):
         planner: Planner,
         kinds: Mapping[str, KindSpec],
         ranker: Ranker | None = None,
-        provenance: Mapping[str, Any] | None = None,
+        provenance: Provenance | None = None,
     ) -> PlanReport: ...
 
     def waiting(self, limit: int) -> list[ReadyRow]:

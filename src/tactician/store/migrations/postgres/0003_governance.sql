@@ -91,3 +91,16 @@ CREATE TABLE overrides (
     expires_at DOUBLE PRECISION,
     PRIMARY KEY (task_id, what)
 );
+
+-- The live and the shadow bundle's first decision on each task, side by side, for
+-- `tactician policy compare` (a shadow's decisions are never acted on).
+CREATE TABLE decisions (
+    task_id TEXT NOT NULL,
+    slot TEXT NOT NULL,              -- live | shadow
+    version TEXT NOT NULL,
+    position DOUBLE PRECISION NOT NULL,          -- 0: first of its pass, 1: last
+    action TEXT NOT NULL,
+    confidence DOUBLE PRECISION NOT NULL,
+    decided_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (task_id, slot, version)
+);

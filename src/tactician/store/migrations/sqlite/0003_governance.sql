@@ -86,3 +86,16 @@ CREATE TABLE overrides (
     expires_at REAL,
     PRIMARY KEY (task_id, what)
 );
+
+-- The live and the shadow bundle's first decision on each task, side by side, for
+-- `tactician policy compare` (a shadow's decisions are never acted on).
+CREATE TABLE decisions (
+    task_id TEXT NOT NULL,
+    slot TEXT NOT NULL,              -- live | shadow
+    version TEXT NOT NULL,
+    position REAL NOT NULL,          -- 0: first of its pass, 1: last
+    action TEXT NOT NULL,
+    confidence REAL NOT NULL,
+    decided_at REAL NOT NULL,
+    PRIMARY KEY (task_id, slot, version)
+);
