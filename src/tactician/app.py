@@ -237,8 +237,7 @@ class Tactician:
     # --- running -------------------------------------------------------------------------------
 
     def worker(self, options: WorkerOptions | None = None) -> Worker:
-        if not self.user_kinds():
-            raise InvalidInput("this app declares no task kinds: nothing for a worker to run")
+        """A worker for this app's kinds and the engine's own notifications."""
         return Worker(
             self.store,
             self.kinds,

@@ -20,9 +20,12 @@ from rich.console import Console
 from rich.table import Table
 
 from tactician.errors import InvalidInput
+from tactician.govern.audit import Entry
+from tactician.govern.roles import Actor, Operation
 from tactician.settings import Settings
 
 if TYPE_CHECKING:
+    from tactician.app import Tactician
     from tactician.decide.predictors import ModelSet
     from tactician.sim.history import Recorded
     from tactician.store.registry import ModelRegistry
@@ -33,6 +36,13 @@ models_cli = typer.Typer(
 out = Console(highlight=False)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+DbOption = Annotated[
+    str | None,
+    typer.Option("--db", help="The database whose audit chain records the change."),
+]
+TokenOption = Annotated[
+    str | None, typer.Option("--token", help="Act with this token (default $TACTICIAN_TOKEN).")
+]
 ModelsDirOption = Annotated[
     str | None,
     typer.Option(
@@ -298,10 +308,14 @@ def models_promote(
         bool, typer.Option("--force", help="Even if its duration predictor was refused.")
     ] = False,
     models_dir: ModelsDirOption = None,
+    db: DbOption = None,
+    token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Make a saved model set the active one."""
+    """Make a saved model set the active one (audited in the database's chain)."""
+    app, actor = _authorized(db, token, version)
     event = _registry(models_dir).promote(version, force=force)
+    app.store.audit(_model_entry(actor, "model.promoted", event.version, event.previous))
     if as_json:
         _print_json(event.to_json())
     elif event.previous == event.version:
@@ -311,13 +325,36 @@ def models_promote(
 
 
 @models_cli.command("rollback")
-def models_rollback(models_dir: ModelsDirOption = None, as_json: JsonOption = False) -> None:
-    """Make the previously active model set active again."""
+def models_rollback(
+    models_dir: ModelsDirOption = None,
+    db: DbOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Make the previously active model set active again (audited)."""
+    app, actor = _authorized(db, token, "rollback")
     event = _registry(models_dir).rollback()
+    app.store.audit(_model_entry(actor, "model.rolled_back", event.version, event.previous))
     if as_json:
         _print_json(event.to_json())
     else:
         out.print(f"{event.version} is active again (rolled back from {event.previous})")
+
+
+def _authorized(db: str | None, token: str | None, subject: str) -> tuple[Tactician, Actor]:
+    from tactician.cli.govern import acting, open_app
+
+    app = open_app(db)
+    actor = acting(app, token)
+    app.gate.authorize(actor, Operation.PROMOTE_MODEL, subject)
+    return app, actor
+
+
+def _model_entry(actor: Actor, action: str, version: str | None, previous: str | None) -> Entry:
+    detail: dict[str, Any] = {"previous": previous}
+    if actor.bootstrap:
+        detail["bootstrap"] = True
+    return Entry(actor.name, action, version or "-", detail)
 
 
 # --- bench decide ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Protocol
 from tactician.decide.predictors import ModelSet
 from tactician.decide.training import fit_recorded
 from tactician.errors import TacticianError
+from tactician.govern.audit import Entry
 from tactician.run.ranking import LiveRanker
 from tactician.run.training import from_store
 from tactician.store.protocol import Store
@@ -61,8 +62,11 @@ class Refitter:
             if models.p50 is None:
                 log.info("refit %s on %d outcomes refused: the baseline stays", version, len(rows))
             else:
+                previous = self.ranker.model_version
                 self.registry.promote(version)
                 self.ranker.use(models)
+                detail = {"previous": previous, "outcomes": len(rows), "automatic": True}
+                self.store.audit(Entry("tactician", "model.promoted", version, detail))
                 log.info("refit %s on %d outcomes promoted", version, len(rows))
         except TacticianError as exc:
             log.error("refit failed, the models in service stay: %s", exc)
