@@ -593,6 +593,14 @@ class GovernanceMixin:
 
     def expire_overrides(self, now: float) -> int:
         """Drop overrides and holds whose time is up; returns how many ended."""
+        with self._read() as cur:  # most calls find nothing: no write lock for them
+            cur.execute(
+                "SELECT 1 FROM overrides WHERE expires_at <= ? UNION ALL SELECT 1 FROM tasks "
+                "WHERE state = 'held' AND run_at <= ? LIMIT 1",
+                (now, now),
+            )
+            if cur.fetchone() is None:
+                return 0
         with self._tx() as cur:
             cur.execute(
                 "SELECT task_id, what FROM overrides WHERE expires_at IS NOT NULL AND "

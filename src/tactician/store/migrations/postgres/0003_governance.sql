@@ -104,3 +104,7 @@ CREATE TABLE decisions (
     decided_at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (task_id, slot, version)
 );
+
+-- Held tasks with a release time: the gate looks for due ones every half second.
+CREATE INDEX tasks_held ON tasks (run_at) WHERE state = 'held';
+CREATE INDEX tasks_awaiting ON tasks (id) WHERE state = 'awaiting_approval'
