@@ -1,53 +1,152 @@
-"""Policy bundles: one YAML file that says how Tactician decides, deployed as a unit.
+"""Policy bundles: one YAML file of objective, thresholds, pools, limits, approval rules,
+ingestion templates and pinned models, deployed and rolled back as a unit.
 
-A bundle names the scorer and its objective, the confidence and out-of-distribution
-thresholds, pools and per-kind limits, notification channels, approval rules, event→task
-templates and the model versions it pins. `parse_bundle` validates it and reports the first
-problem as one line, `file:line: field.path: what is wrong`, using the YAML nodes' positions.
-A bundle's version is the SHA-256 of its canonical JSON, so comments, spacing and key order
-do not change it.
+`parse_bundle` validates a file and reports the first problem on one line, as
+`policy.yaml:14: approvals[0].required: must be >= 1`: pydantic checks the data, and the
+error's field path is walked back through the YAML nodes to find its line. A bundle's version
+is the hash of its canonical JSON, so comments, layout, key order and the spelling of a
+duration ("2h" or 7200) do not change it.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import re
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from tactician.domain import RateLimit
 from tactician.errors import InvalidInput
-from tactician.govern.audit import canonical_json
+from tactician.govern.audit import canonical_json as _canonical
 
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
-_EDITABLE = re.compile(r"^(due_at|weight|payload\.[A-Za-z_][A-Za-z0-9_]*)$")
+Path = tuple[str | int, ...]
 
 
 class BundleError(InvalidInput):
     """The policy bundle is not valid."""
 
+    def __init__(self, filename: str, line: int, field: str, problem: str) -> None:
+        super().__init__(f"{filename}:{line}: {field}: {problem}")
+        self.filename = filename
+        self.line = line
+        self.field = field
+        self.problem = problem
 
-def _seconds(value: Any) -> Any:
-    """ "30s", "15m", "2h", "1d" or a number of seconds, as float seconds."""
-    if isinstance(value, bool):
-        raise ValueError("must be a duration like 30s, 15m, 2h, 1d or seconds")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("must be >= 0")
+
+def _fail(message: str, *at: str | int) -> PydanticCustomError:
+    """A validation error whose field path goes `at` further than where it was raised, so a
+    cross-field check can point at the exact entry (and so the exact line) at fault."""
+    return PydanticCustomError("policy", "{message}", {"message": message, "at": at})
+
+
+_NAME = re.compile(r"[a-z0-9._-]{1,64}")
+_HEX = re.compile(r"[0-9a-f]{8,64}")
+_EDITABLE = re.compile(r"due_at|weight|payload\.[A-Za-z_][A-Za-z0-9_]*")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*")
+_UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _name(value: str) -> str:
+    if not _NAME.fullmatch(value):
+        raise _fail("must be 1 to 64 characters of a-z, 0-9, '.', '_' or '-'")
+    return value
+
+
+def _hex(value: str) -> str:
+    if not _HEX.fullmatch(value):
+        raise _fail("must be 8 to 64 lowercase hex digits (a sha256 prefix)")
+    return value
+
+
+def _editable(value: str) -> str:
+    if not _EDITABLE.fullmatch(value):
+        raise _fail(f"{value!r} is not editable: use due_at, weight or payload.<name>")
+    return value
+
+
+def _seconds(value: object) -> object:
+    if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return float(match.group(1)) * _UNITS[match.group(2)]
-    raise ValueError("must be a duration like 30s, 15m, 2h, 1d or seconds")
+    if isinstance(value, str) and (found := _DURATION.fullmatch(value)):
+        return float(found[1]) * _UNIT[found[2]]
+    raise _fail("must be a duration like 30s, 15m, 2h, 1d or a number of seconds")
 
 
-Seconds = Annotated[float, BeforeValidator(_seconds)]
+def _span(seconds: float) -> str:
+    """A duration as the bundle would spell it: 1800 -> '30m'."""
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _rate(value: str) -> str:
+    try:
+        RateLimit.parse(value)
+    except InvalidInput as exc:
+        raise _fail(exc.message) from None
+    return value
+
+
+def _json_problem(value: object, path: Path, within: frozenset[int]) -> tuple[Path, str] | None:
+    """Where `value` stops being JSON data, and why: canonical JSON has no NaN, no dates, only
+    text keys, and no YAML alias that contains itself (`within`: the containers above)."""
+    if id(value) in within:
+        return path, "must not contain itself"
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, "must be a finite number"
+    if value is None or isinstance(value, str | bool | int | float):
+        return None
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+        entries: list[tuple[str | int, object]] = list(value.items())
+    elif isinstance(value, list):
+        entries = list(enumerate(value))
+    else:
+        return path, "must be JSON data (text, numbers, true/false, null, lists, mappings)"
+    for key, item in entries:
+        if found := _json_problem(item, (*path, key), within | {id(value)}):
+            return found
+    return None
+
+
+def _json_object(value: dict[str, Any]) -> dict[str, Any]:
+    if found := _json_problem(value, (), frozenset()):
+        raise _fail(found[1], *found[0])
+    return value
+
+
+def _scalar(value: object) -> object:
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    raise _fail("must be a single value (text, number, true/false or null)")
+
+
+Name = Annotated[str, AfterValidator(_name)]
+NonNegative = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Strict(), Field(ge=0, le=1)]
+Duration = Annotated[float, BeforeValidator(_seconds), Field(gt=0, allow_inf_nan=False)]
+"""Seconds; the bundle may write "30s", "15m", "2h", "1d" or a number."""
+Texts = Annotated[tuple[str, ...], Field(min_length=1)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(_json_object)]
+Scorer = Literal["fifo", "edf", "wspt", "atc", "learned"]
+Action = Literal["run", "defer", "merge", "escalate", "hold"]
 
 
 class _Model(BaseModel):
@@ -55,46 +154,58 @@ class _Model(BaseModel):
 
 
 class ObjectiveSpec(_Model):
-    scorer: Literal["fifo", "edf", "wspt", "atc", "learned"] = "learned"
-    weight_exponent: float = Field(default=0.0, ge=0)
-    optimism: float = Field(default=0.0, ge=0, le=1)
-    lst: float = Field(default=0.5, ge=0, le=1)
+    """The scorer and what the learned scorer trades off (see decide.learned.Objective)."""
+
+    scorer: Scorer = "learned"
+    weight_exponent: NonNegative = 0.0
+    optimism: Fraction = 0.0
+    lst: Fraction = 0.5
 
 
 class Thresholds(_Model):
-    confidence: float = Field(default=0.3, ge=0, le=1)
-    ood: float = Field(default=3.0, gt=0)
+    confidence: Fraction = 0.3
+    """A decision less confident than this is escalated."""
+    ood: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] = 3.0
+    """A decision whose out-of-distribution distance is above this is escalated."""
 
 
 class KindLimits(_Model):
-    rate: str | None = None
-    burst: float | None = Field(default=None, gt=0)
-    max_concurrency: int | None = Field(default=None, ge=1)
+    rate: Annotated[str, AfterValidator(_rate)] | None = None
+    burst: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] | None = None
+    max_concurrency: Annotated[int, Strict(), Field(ge=1)] | None = None
     concurrency_key: str | None = None
 
     @model_validator(mode="after")
-    def _rate(self) -> KindLimits:
-        if self.rate is not None:
-            try:
-                RateLimit.parse(self.rate, self.burst)
-            except InvalidInput as exc:
-                raise ValueError(exc.message) from None
+    def _burst_needs_rate(self) -> Self:
+        if self.burst is not None and self.rate is None:
+            raise _fail("a burst needs a rate", "burst")
         return self
+
+    @property
+    def rate_limit(self) -> RateLimit | None:
+        return None if self.rate is None else RateLimit.parse(self.rate, self.burst)
 
 
 class RuleMatch(_Model):
-    kinds: tuple[str, ...] = ()
-    tags: tuple[str, ...] = ()
-    tenants: tuple[str, ...] = ()
-    sensitive: bool | None = None
-    actions: tuple[Literal["run", "defer", "merge", "escalate", "hold"], ...] = ()
-    confidence_below: float | None = Field(default=None, ge=0, le=1)
-    impact_above: float | None = None
+    """Conditions that must all hold; a condition left out is not looked at."""
+
+    kinds: Texts = ()
+    tags: Texts = ()
+    """The task has all of these tags."""
+    tenants: Texts = ()
+    sensitive: Annotated[bool, Strict()] | None = None
+    actions: Annotated[tuple[Action, ...], Field(min_length=1)] = ()
+    confidence_below: Fraction | None = None
+    impact_above: Annotated[float, Strict(), Field(allow_inf_nan=False)] | None = None
+    """Predicted impact: weight x predicted lateness cost."""
 
     @model_validator(mode="after")
-    def _some(self) -> RuleMatch:
-        if not any(getattr(self, name) not in ((), None) for name in type(self).model_fields):
-            raise ValueError("a match needs at least one condition")
+    def _some_condition(self) -> Self:
+        if all(getattr(self, name) in ((), None) for name in type(self).model_fields):
+            raise _fail(
+                "needs at least one condition (kinds, tags, tenants, sensitive, actions, "
+                "confidence_below or impact_above)"
+            )
         return self
 
 
@@ -103,174 +214,268 @@ class Approvers(_Model):
     groups: tuple[str, ...] = ()
 
     @model_validator(mode="after")
-    def _someone(self) -> Approvers:
+    def _someone(self) -> Self:
         if not self.roles and not self.groups:
-            raise ValueError("name at least one role or group")
+            raise _fail("needs at least one role or group")
         return self
 
 
 class EscalationStep(_Model):
-    after: Seconds
+    after: Duration
     notify: str
+    """A channel of the bundle."""
 
 
 class ApprovalRule(_Model):
-    name: str = Field(min_length=1, max_length=100)
+    name: Annotated[str, Field(min_length=1, max_length=100)]
     match: RuleMatch
     approvers: Approvers
-    required: int = Field(default=1, ge=1)
-    expires_after: Seconds = 86_400.0
+    required: Annotated[int, Strict(), Field(ge=1)] = 1
+    expires_after: Duration = 86_400.0
     escalation: tuple[EscalationStep, ...] = ()
     on_expiry: Literal["reject", "approve"] = "reject"
-    editable: tuple[str, ...] = ()
+    editable: tuple[Annotated[str, AfterValidator(_editable)], ...] = ()
     offline: Literal["hold", "approve"] = "hold"
+    """What an edge agent does when it cannot reach an approver."""
 
     @model_validator(mode="after")
-    def _steps(self) -> ApprovalRule:
+    def _escalation_in_order(self) -> Self:
         previous = 0.0
-        for step in self.escalation:
+        for index, step in enumerate(self.escalation):
             if step.after <= previous:
-                raise ValueError("escalation steps must come strictly later one after another")
+                raise _fail(
+                    f"must be later than the previous step ({_span(previous)})",
+                    *("escalation", index, "after"),
+                )
+            if step.after >= self.expires_after:
+                raise _fail(
+                    f"must be before expires_after ({_span(self.expires_after)})",
+                    *("escalation", index, "after"),
+                )
             previous = step.after
-        if previous >= self.expires_after:
-            raise ValueError("every escalation step must come before expires_after")
-        for name in self.editable:
-            if not _EDITABLE.match(name):
-                raise ValueError(f"editable {name!r}: due_at, weight or payload.<name>")
         return self
 
 
 class TaskTemplate(_Model):
-    kind: str = Field(min_length=1)
-    payload: dict[str, Any] = Field(default_factory=dict)
-    due_in: Seconds | None = None
-    weight: float | None = Field(default=None, ge=0)
+    """The task an event becomes; strings may carry {dotted.path} placeholders."""
+
+    kind: Annotated[str, Field(min_length=1)]
+    payload: JsonObject = Field(default_factory=dict)
+    due_in: Duration | None = None
+    weight: NonNegative | None = None
     tags: tuple[str, ...] = ()
     idempotency_key: str | None = None
 
 
 class Template(_Model):
-    name: str = Field(min_length=1)
-    source: str = Field(min_length=1)
-    match: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    name: Annotated[str, Field(min_length=1, max_length=100)]
+    source: Annotated[str, Field(min_length=1)]
+    match: dict[str, Annotated[Any, AfterValidator(_scalar)]] = Field(default_factory=dict)
+    """Event fields that must be equal to these values."""
     task: TaskTemplate
 
 
 class PolicyBundle(_Model):
-    name: str = Field(pattern=r"^[a-z0-9._-]{1,64}$")
+    name: Name
     description: str | None = None
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
     thresholds: Thresholds = Field(default_factory=Thresholds)
-    pools: dict[str, Annotated[int, Field(ge=0)] | None] = Field(default_factory=dict)
+    pools: dict[str, Annotated[int, Strict(), Field(ge=0)] | None] = Field(default_factory=dict)
+    """Capacity per pool; null is unbounded."""
     limits: dict[str, KindLimits] = Field(default_factory=dict)
-    channels: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per task kind."""
+    channels: dict[str, JsonObject] = Field(default_factory=dict)
+    """Notification channels, checked by the notifier."""
     approvals: tuple[ApprovalRule, ...] = ()
+    """In order: the first rule that matches applies."""
     templates: tuple[Template, ...] = ()
-    models: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{8,64}$")]] = Field(
-        default_factory=dict
-    )
+    models: dict[str, Annotated[str, AfterValidator(_hex)]] = Field(default_factory=dict)
+    """Pinned model version per model set: a sha256 hex prefix."""
 
-
-def _references(bundle: PolicyBundle) -> tuple[tuple[Any, ...], str] | None:
-    """The first name that clashes or points nowhere: its location and the problem."""
-    names = {
-        "approvals": [r.name for r in bundle.approvals],
-        "templates": [t.name for t in bundle.templates],
-    }
-    for what, listed in names.items():
-        for i, name in enumerate(listed):
-            if name in listed[:i]:
-                return (what, i, "name"), f"another entry is already named {name!r}"
-    for i, rule in enumerate(bundle.approvals):
-        for j, step in enumerate(rule.escalation):
-            if step.notify not in bundle.channels:
-                place = ("approvals", i, "escalation", j, "notify")
-                return place, f"{step.notify!r} is not a channel of this bundle"
-    return None
+    @model_validator(mode="after")
+    def _references(self) -> Self:
+        names = {
+            "approvals": [rule.name for rule in self.approvals],
+            "templates": [template.name for template in self.templates],
+        }
+        for field, listed in names.items():
+            for index, name in enumerate(listed):
+                if (first := listed.index(name)) < index:
+                    message = f"{name!r} is already the name of {field}[{first}]"
+                    raise _fail(message, field, index, "name")
+        for index, rule in enumerate(self.approvals):
+            for step_index, step in enumerate(rule.escalation):
+                if step.notify not in self.channels:
+                    known = ", ".join(sorted(self.channels)) or "none"
+                    raise _fail(
+                        f"channel {step.notify!r} is not defined in channels ({known})",
+                        *("approvals", index, "escalation", step_index, "notify"),
+                    )
+        return self
 
 
 DEFAULT_BUNDLE = PolicyBundle(name="builtin")
-"""What decides when no bundle was ever deployed."""
+"""The policy in force before any bundle was deployed."""
 
 
 def parse_bundle(text: str, filename: str = "policy.yaml") -> PolicyBundle:
-    """The bundle in `text`, or BundleError naming file, line and field."""
+    """The bundle in `text`; raises BundleError naming the file, line and field at fault."""
+    root, data = _load(text, filename)
+    if root is None or not isinstance(data, dict):
+        what = "empty" if root is None else f"a {type(data).__name__}"
+        raise BundleError(filename, 1, "(top level)", f"must be a mapping of fields, not {what}")
+    _refuse_duplicate_keys(root, filename)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise BundleError(f"{filename}:{line}: not valid YAML: {problem}") from None
-    if not isinstance(data, dict) or root is None:
-        raise BundleError(f"{filename}:1: a bundle is a mapping of fields (name, approvals, ...)")
-    try:
-        bundle = PolicyBundle.model_validate(data)
+        return PolicyBundle.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
-        loc = tuple(error["loc"])
-        message = str(error["msg"]).removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "unknown field"
-        line = _line(root, loc, error["type"])
-        raise BundleError(f"{filename}:{line}: {_path(loc) or '(bundle)'}: {message}") from None
-    problem = _references(bundle)
-    if problem is not None:
-        loc, message = problem
-        raise BundleError(f"{filename}:{_line(root, loc, '')}: {_path(loc)}: {message}")
-    return bundle
+        path: Path = (*error["loc"], *error.get("ctx", {}).get("at", ()))
+        problem = _problem(error)
+        if path[-1:] == ("[key]",):  # a mapping's key is at fault, not its value
+            path, problem = (*path[:-2], str(path[-2])), f"key {problem}"
+        raise BundleError(filename, _line(root, path), _dotted(path), problem) from None
 
 
-def _path(loc: Sequence[Any]) -> str:
-    text = ""
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        elif not str(part).startswith(("function-", "constrained-", "int", "none")):
-            text += f".{part}" if text else str(part)
-    return text
+def canonical_json(bundle: PolicyBundle) -> str:
+    """The bundle as sorted, compact JSON: what its version is the hash of."""
+    return _canonical(bundle.model_dump(mode="json"))
 
 
-def _line(node: Any, loc: Sequence[Any], kind: str) -> int:
-    """The line of the YAML node at `loc` (for a missing field, its parent's)."""
-    line: int = node.start_mark.line + 1
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                if key.value == str(part):
-                    line = int((key if kind == "extra_forbidden" else value).start_mark.line) + 1
-                    node = value
-                    break
-            else:
-                return line
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            if part >= len(node.value):
-                return line
-            node = node.value[part]
-            line = int(node.start_mark.line) + 1
-        else:
-            return line
-    return line
-
-
-def canonical_bundle(bundle: PolicyBundle) -> str:
-    return canonical_json(bundle.model_dump(mode="json"))
-
-
-def bundle_version(text: str) -> str:
-    """SHA-256 of the bundle's canonical JSON: blind to comments, spacing and key order."""
-    return hashlib.sha256(canonical_bundle(parse_bundle(text)).encode()).hexdigest()
-
-
-def _sorted_yaml(text: str) -> list[str]:
-    data = parse_bundle(text).model_dump(mode="json", exclude_defaults=True)
-    dumped: str = yaml.safe_dump(data, sort_keys=True, default_flow_style=False)
-    return dumped.splitlines(keepends=True)
+def bundle_version(text: str, filename: str = "policy.yaml") -> str:
+    """SHA-256 hex of the canonical JSON: the same for any spelling of the same policy."""
+    return hashlib.sha256(canonical_json(parse_bundle(text, filename)).encode()).hexdigest()
 
 
 def diff_bundles(old_text: str, new_text: str, old_name: str = "old", new_name: str = "new") -> str:
-    """A unified diff of the two bundles' normalised YAML; empty when they mean the same."""
-    return "".join(
-        difflib.unified_diff(_sorted_yaml(old_text), _sorted_yaml(new_text), old_name, new_name)
-    )
+    """A unified diff of what the two bundles mean (canonical YAML); empty when equal."""
+    old = _canonical_yaml(parse_bundle(old_text, old_name)).splitlines(keepends=True)
+    new = _canonical_yaml(parse_bundle(new_text, new_name)).splitlines(keepends=True)
+    return "".join(difflib.unified_diff(old, new, fromfile=old_name, tofile=new_name))
+
+
+def _canonical_yaml(bundle: PolicyBundle) -> str:
+    data = bundle.model_dump(mode="json")
+    return yaml.safe_dump(data, sort_keys=True, allow_unicode=True, default_flow_style=False)
+
+
+def _load(text: str, filename: str) -> tuple[yaml.Node | None, Any]:
+    """The node tree (for lines) and the plain data built from it, with safe_load's rules."""
+    loader: yaml.SafeLoader | None = None
+    try:
+        loader = yaml.SafeLoader(text)
+        root = loader.get_single_node()
+        return root, None if root is None else loader.construct_document(root)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or "not valid YAML"
+        if problem.startswith("but ") and exc.context:  # "expected a single document, but …"
+            problem = f"{exc.context}, {problem}"
+        raise BundleError(
+            filename, 1 if mark is None else mark.line + 1, "syntax", problem
+        ) from None
+    except yaml.reader.ReaderError as exc:  # a control character: found before any mark
+        line = text.count("\n", 0, exc.position) + 1
+        raise BundleError(filename, line, "syntax", str(exc).splitlines()[0]) from None
+    except RecursionError:  # PyYAML's composer recurses once per level of nesting
+        raise BundleError(filename, 1, "syntax", "nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _refuse_duplicate_keys(root: yaml.Node, filename: str) -> None:
+    # PyYAML keeps the last of two equal keys; a second `approvals:` would drop rules silently.
+    todo: list[tuple[yaml.Node, Path]] = [(root, ())]
+    visited: set[int] = set()  # an alias repeats a node, and may even contain itself
+    while todo:
+        node, path = todo.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys: set[str] = set()
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if key.value in keys:
+                        line = key.start_mark.line + 1
+                        raise BundleError(
+                            filename, line, _dotted((*path, key.value)), "is given twice"
+                        )
+                    keys.add(key.value)
+                todo.append((value, (*path, str(key.value))))
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend((item, (*path, index)) for index, item in enumerate(node.value))
+
+
+def _line(root: yaml.Node, path: Sequence[str | int]) -> int:
+    """The line of the field at `path`: its key's line, or for an entry of a list the entry's;
+    where the path runs out (a missing field), the line of the deepest part found."""
+    node, line = root, root.start_mark.line + 1
+    for part in path:
+        child: yaml.Node | None = None
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value == str(part):
+                    child, line = value, key.start_mark.line + 1
+                    break
+        elif (
+            isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
+        ):
+            child = node.value[part]
+            line = child.start_mark.line + 1
+        if child is None:
+            break
+        node = child
+    return line
+
+
+def _dotted(path: Sequence[str | int]) -> str:
+    text = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path)
+    return text.removeprefix(".") or "(top level)"
+
+
+_PROBLEMS = {
+    "missing": "is required",
+    "extra_forbidden": "unknown field",
+    "finite_number": "must be a finite number",
+    "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "bool_type": "must be true or false",
+    "list_type": "must be a list",
+    "tuple_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "string_too_short": "must not be empty",
+    "recursion_loop": "must not contain itself",
+}
+_BOUNDS = {
+    "greater_than_equal": (">=", "ge"),
+    "greater_than": (">", "gt"),
+    "less_than_equal": ("<=", "le"),
+    "less_than": ("<", "lt"),
+}
+
+
+def _problem(error: ErrorDetails) -> str:
+    """Pydantic's message, said the way the rest of Tactician says it."""
+    kind, ctx, given = error["type"], error.get("ctx", {}), error["input"]
+    if kind in _PROBLEMS:
+        return _PROBLEMS[kind]
+    if kind == "policy":
+        return str(ctx["message"])
+    if kind == "string_type":
+        scalar = given is None or isinstance(given, bool | int | float) or hasattr(given, "year")
+        return "must be text (put it in quotes)" if scalar else "must be text"
+    if kind in ("literal_error", "enum"):
+        got = f", not {given!r}" if isinstance(given, str) else ""
+        return f"must be one of {ctx['expected']}{got}"
+    if kind in _BOUNDS:
+        sign, bound = _BOUNDS[kind]
+        return f"must be {sign} {ctx[bound]:g}"
+    if kind == "string_too_long":
+        return f"must be at most {ctx['max_length']} characters"
+    if kind == "too_short":
+        return f"must have at least {ctx['min_length']} entry"
+    message = error["msg"].removeprefix("Input should ").removeprefix("Value error, ")
+    return message[:1].lower() + message[1:]
