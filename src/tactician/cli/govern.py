@@ -517,10 +517,10 @@ ExpiresOption = Annotated[
 ]
 
 
-def _override(db: str | None, token: str | None) -> tuple[Tactician, Actor]:
+def _override(db: str | None, token: str | None, task_id: str) -> tuple[Tactician, Actor]:
     app = open_app(db)
     actor = acting(app, token)
-    app.gate.authorize(actor, Operation.OVERRIDE)
+    app.gate.authorize(actor, Operation.OVERRIDE, task_id)
     return app, actor
 
 
@@ -536,7 +536,7 @@ def overrides_pin(
     """Pin a task's score: the scorer's own is ignored until cleared or expired."""
     if not (0.0 <= score <= 1.0 and math.isfinite(score)):
         raise InvalidInput("--score must be between 0 and 1")
-    app, actor = _override(db, token)
+    app, actor = _override(db, token, task_id)
     until = parse_time(expires, "expires", app.store.db_now())
     app.store.set_override(task_id, "pin", score, actor, reason, until)
     out.print(f"{task_id}: score pinned at {score:g} by {actor.name}")
@@ -551,7 +551,7 @@ def overrides_run_now(
     token: TokenOption = None,
 ) -> None:
     """Put a task first in its pool's line (capacity and approvals still apply)."""
-    app, actor = _override(db, token)
+    app, actor = _override(db, token, task_id)
     until = parse_time(expires, "expires", app.store.db_now())
     app.store.set_override(task_id, "run_now", None, actor, reason, until)
     out.print(f"{task_id}: runs next when its pool has room (set by {actor.name})")
@@ -582,7 +582,7 @@ def overrides_hold(
     token: TokenOption = None,
 ) -> None:
     """Hold a waiting task until released (or until --expires)."""
-    app, actor = _override(db, token)
+    app, actor = _override(db, token, task_id)
     until = parse_time(expires, "expires", app.store.db_now())
     task = app.store.hold(task_id, actor, reason, until)
     out.print(f"{task_id}: {task.state}")
@@ -593,7 +593,7 @@ def overrides_release(
     task_id: str, reason: ReasonOption, db: DbOption = None, token: TokenOption = None
 ) -> None:
     """Release a held task."""
-    app, actor = _override(db, token)
+    app, actor = _override(db, token, task_id)
     task = app.store.release(task_id, actor, reason)
     out.print(f"{task_id}: {task.state}")
 

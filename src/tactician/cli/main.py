@@ -24,7 +24,7 @@ from tactician.cli.simulate import CapacityOption, parse_capacities
 from tactician.cli.simulate import simulate as simulate_command
 from tactician.domain import NewTask, Task, TaskState
 from tactician.errors import InvalidInput, TacticianError
-from tactician.govern.roles import Operation
+from tactician.govern.roles import Actor, Operation
 from tactician.run.worker import WorkerOptions
 from tactician.settings import Settings
 from tactician.store.protocol import TaskFilter
@@ -120,6 +120,13 @@ def _json_object(text: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidInput("payload must be a JSON object")
     return data
+
+
+def _allowed(app: Tactician, token: str | None, operation: Operation, subject: str) -> Actor:
+    """The actor this command acts as, once its role is checked (a refusal is audited)."""
+    actor = acting(app, token)
+    app.gate.authorize(actor, operation, subject)
+    return actor
 
 
 def _print_json(value: Any) -> None:
@@ -424,21 +431,24 @@ def pools(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="NAME=UNITS (or NAME=unbounded).")
     ] = None,
+    token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Pools with their capacity and use, and the state of each downstream target."""
     app = _open(db)
-    for item in set_ or []:
+    wanted: dict[str, int | None] = {}
+    for item in set_ or []:  # all checked before any is changed
         name, _, value = item.partition("=")
         if not name or not value:
             raise InvalidInput(f"--set wants NAME=UNITS, got {item!r}")
-        if value == "unbounded":
-            capacity = None
-        elif value.isdigit():
-            capacity = int(value)
-        else:
+        if value != "unbounded" and not value.isdigit():
             raise InvalidInput(f"--set {item}: units must be a whole number >= 0 or 'unbounded'")
-        app.store.set_pool(name, capacity)
+        wanted[name] = None if value == "unbounded" else int(value)
+    if wanted:
+        actor = _allowed(app, token, Operation.SET_POOL, ",".join(wanted))
+        for name, capacity in wanted.items():
+            app.store.set_pool(name, capacity)
+            app.gate.record(actor, "pool.set", name, {"capacity": capacity})
     usage = app.store.pools()
     targets = app.store.targets()
     if as_json:
@@ -489,6 +499,7 @@ def schedules_add(
     paused: Annotated[bool, typer.Option(help="Create paused.")] = False,
     db: DbOption = None,
     app: AppOption = None,
+    token: TokenOption = None,
 ) -> None:
     """Create or replace a schedule."""
     from tactician.plan.schedules import ScheduleSpec, parse_every
@@ -508,7 +519,9 @@ def schedules_add(
         paused=paused,
     )
     the_app = _open(db, app)
+    actor = _allowed(the_app, token, Operation.SCHEDULE, name)
     ScheduleService(the_app.store, the_app).save(spec)
+    the_app.gate.record(actor, "schedule.saved", name, {"kind": kind, "cron": cron, "every": every})
     out.print(f"schedule {name} saved")
 
 
@@ -551,23 +564,32 @@ def schedules_list(db: DbOption = None, as_json: JsonOption = False) -> None:
 
 
 @schedules_cli.command("pause")
-def schedules_pause(name: str, db: DbOption = None) -> None:
+def schedules_pause(name: str, db: DbOption = None, token: TokenOption = None) -> None:
     """Stop firing (ticks while paused are dropped)."""
-    _open(db).store.set_schedule_paused(name, True)
+    app = _open(db)
+    actor = _allowed(app, token, Operation.SCHEDULE, name)
+    app.store.set_schedule_paused(name, True)
+    app.gate.record(actor, "schedule.paused", name)
     out.print(f"schedule {name} paused")
 
 
 @schedules_cli.command("resume")
-def schedules_resume(name: str, db: DbOption = None) -> None:
+def schedules_resume(name: str, db: DbOption = None, token: TokenOption = None) -> None:
     """Fire again from the next tick."""
-    _open(db).store.set_schedule_paused(name, False)
+    app = _open(db)
+    actor = _allowed(app, token, Operation.SCHEDULE, name)
+    app.store.set_schedule_paused(name, False)
+    app.gate.record(actor, "schedule.resumed", name)
     out.print(f"schedule {name} resumed")
 
 
 @schedules_cli.command("delete")
-def schedules_delete(name: str, db: DbOption = None) -> None:
+def schedules_delete(name: str, db: DbOption = None, token: TokenOption = None) -> None:
     """Delete a schedule (its tasks stay)."""
-    _open(db).store.delete_schedule(name)
+    app = _open(db)
+    actor = _allowed(app, token, Operation.SCHEDULE, name)
+    app.store.delete_schedule(name)
+    app.gate.record(actor, "schedule.deleted", name)
     out.print(f"schedule {name} deleted")
 
 
@@ -578,6 +600,7 @@ def schedules_backfill(
     end: Annotated[str, typer.Option(help="End of the range.")],
     db: DbOption = None,
     app: AppOption = None,
+    token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """One task per tick of a past range (ticks already run are not repeated)."""
@@ -586,7 +609,9 @@ def schedules_backfill(
     first, last = _time(start, "start"), _time(end, "end")
     assert first is not None and last is not None
     the_app = _open(db, app)
+    actor = _allowed(the_app, token, Operation.SCHEDULE, name)
     ids = ScheduleService(the_app.store, the_app).backfill(name, first, last)
+    the_app.gate.record(actor, "schedule.backfilled", name, {"tasks": len(ids)})
     if as_json:
         _print_json({"ids": ids})
     else:

@@ -35,6 +35,8 @@ class Operation(enum.StrEnum):
     DEPLOY_POLICY = "policy.deploy"
     ROLLBACK_POLICY = "policy.rollback"
     PROMOTE_MODEL = "model.promote"
+    SCHEDULE = "schedule.change"
+    SET_POOL = "pool.set"
     CREATE_TOKEN = "token.create"
     REVOKE_TOKEN = "token.revoke"
 
@@ -47,6 +49,7 @@ _OPERATOR = frozenset(
         Operation.REPRIORITIZE,
         Operation.OVERRIDE,
         Operation.CLEAR_OVERRIDE,
+        Operation.SCHEDULE,
     }
 )
 ALLOWED: dict[Role, frozenset[Operation]] = {

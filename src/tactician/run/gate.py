@@ -124,11 +124,21 @@ class Gate:
         """Raise Forbidden unless the actor's role allows it; a refusal is audited first."""
         if allowed(actor, operation):
             return
-        detail: dict[str, Any] = {"operation": operation.value, "role": actor.role.value}
-        if actor.bootstrap:
-            detail["bootstrap"] = True
-        self.store.audit(Entry(actor.name, "access.refused", subject, detail))
+        self._refused(actor, operation, subject)
         raise Forbidden(f"{actor.name} ({actor.role}) may not {operation.value}")
+
+    def _refused(self, actor: Actor, operation: Operation, subject: str, why: str = "") -> None:
+        detail: dict[str, Any] = {"operation": operation.value, "role": actor.role.value}
+        if why:
+            detail["why"] = why
+        self.record(actor, "access.refused", subject, detail)
+
+    def record(
+        self, actor: Actor, action: str, subject: str, detail: Mapping[str, Any] | None = None
+    ) -> None:
+        """Audit a change made outside the store's own audited methods (schedules, pools)."""
+        extra = {"bootstrap": True} if actor.bootstrap else {}
+        self.store.audit(Entry(actor.name, action, subject, {**(detail or {}), **extra}))
 
     # --- the live policy -----------------------------------------------------------------
 
@@ -233,8 +243,7 @@ class Gate:
         try:
             return self.store.vote(task_id, actor, verdict, reason, edits, now=self.clock.now())
         except Forbidden as exc:  # self-approval, or not among the rule's approvers
-            detail = {"operation": Operation.VOTE.value, "why": exc.message}
-            self.store.audit(Entry(actor.name, "access.refused", task_id, detail))
+            self._refused(actor, Operation.VOTE, task_id, exc.message)
             raise
 
     def tick(self, now: float | None = None) -> int:

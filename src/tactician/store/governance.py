@@ -31,7 +31,7 @@ from tactician.govern.records import (
     Override,
     TokenRow,
 )
-from tactician.govern.roles import Actor, Role
+from tactician.govern.roles import SYSTEM, Actor, Role
 
 if TYPE_CHECKING:
     from tactician.store.base import Cursor
@@ -430,7 +430,7 @@ class GovernanceMixin:
             votes = (*current.votes, Vote(actor.name, cast(Verdict, verdict), reason, edits, at))
             result = tally(current.rule, votes)
             if result.state != "pending":
-                entries += self._resolve(cur, current, votes, result.state, actor.name, reason, at)
+                entries += self._resolve(cur, current, votes, result.state, actor, reason, at)
             self._audit(cur, entries, at)
             return self._load_approval(cur, task_id)
 
@@ -440,24 +440,19 @@ class GovernanceMixin:
         approval: ApprovalRow,
         votes: Sequence[Vote],
         state: str,
-        by: str,
+        actor: Actor,
         reason: str,
         now: float,
     ) -> list[Entry]:
+        by = actor.name
         task = self._get(cur, approval.task_id, for_update=True)
         cur.execute(
             "UPDATE approvals SET state = ?, resolved_at = ?, resolved_by = ?, reason = ? "
             "WHERE task_id = ?",
             (state, now, by, reason, approval.task_id),
         )
-        entries = [
-            Entry(
-                by,
-                f"approval.{state}",
-                approval.task_id,
-                {"reason": reason, "rule": approval.rule.name},
-            )
-        ]
+        detail = {"reason": reason, "rule": approval.rule.name}
+        entries = [_entry(actor, f"approval.{state}", approval.task_id, detail)]
         if task.state is not TaskState.AWAITING_APPROVAL:
             return entries  # cancelled meanwhile: the verdict is kept, the task stays as it is
         if state == "rejected":
@@ -482,7 +477,7 @@ class GovernanceMixin:
             ),
         )
         if edits:
-            entries.append(Entry(by, "task.edited", approval.task_id, {"edits": edits}))
+            entries.append(_entry(actor, "task.edited", approval.task_id, {"edits": edits}))
         self._after_submit(cur)
         return entries
 
@@ -508,7 +503,7 @@ class GovernanceMixin:
             state = "approved" if current.rule.on_expiry == "approve" else "rejected"
             rule = current.rule
             reason = f"expired after {rule.expires_after:g} s; the rule says {rule.on_expiry}"
-            entries = self._resolve(cur, current, current.votes, state, "tactician", reason, now)
+            entries = self._resolve(cur, current, current.votes, state, SYSTEM, reason, now)
             self._audit(cur, entries, now)
             return self._load_approval(cur, task_id)
 
