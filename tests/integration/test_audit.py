@@ -1,6 +1,7 @@
 """The audit chain on both databases: real operations append records, triggers refuse UPDATE
-and DELETE, and each way of tampering (edit, delete, reorder, insert, a rewritten tail caught by
-an anchor) is found by `verify`, which names the record. Also through the CLI."""
+and DELETE, and each way of tampering (edit, delete, reorder, insert; a rewritten or truncated
+tail, caught by an anchor) is found by `verify`, which names the record. Also through the CLI:
+`audit verify [--anchor]`, `audit head`, `audit export`."""
 
 from __future__ import annotations
 
@@ -11,14 +12,17 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import tactician.cli.govern as cli_govern
 from tactician.app import Tactician
+from tactician.cli.main import main
 from tactician.domain import KindSpec, NewTask
-from tactician.govern.audit import AuditRecord, record_hash, verify
+from tactician.govern.audit import GENESIS, AuditRecord, Verdict, record_hash, verify
 from tactician.govern.roles import Actor, Role
 from tactician.settings import Settings
 
@@ -34,7 +38,7 @@ def app(db_url: str) -> Iterator[Tactician]:
 
 
 def fill(app: Tactician, tasks: int = 6) -> list[AuditRecord]:
-    """About ten records of real operations."""
+    """Records of real operations: ten with the default six tasks."""
     ids = [app.submit_many([NewTask("job", {"n": i})], actor=ADMIN)[0] for i in range(tasks)]
     app.store.cancel(ids[0], ADMIN, "not needed")
     app.store.reprioritize(ids[1], weight=3.0, actor=ADMIN, reason="customer called")
@@ -44,7 +48,8 @@ def fill(app: Tactician, tasks: int = 6) -> list[AuditRecord]:
 
 
 def raw(db_url: str) -> Callable[[str, tuple[Any, ...]], None]:
-    """Run SQL as a superuser would, around the store (triggers dropped first)."""
+    """Run SQL around the store, as the database's owner (on PostgreSQL the superuser of
+    TACTICIAN_TEST_PG, `postgres` by default, who may also drop the triggers)."""
     if db_url.startswith("sqlite:///"):
         path = db_url.removeprefix("sqlite:///")
 
@@ -90,10 +95,27 @@ def test_operations_append_a_chain_that_verifies(app: Tactician) -> None:
 def test_triggers_refuse_update_and_delete(app: Tactician, db_url: str) -> None:
     records = fill(app, tasks=2)
     run = raw(db_url)
-    for sql in ("UPDATE audit_log SET actor = 'mallory' WHERE seq = 1", "DELETE FROM audit_log"):
-        with pytest.raises(Exception, match="append-only"):
+    if db_url.startswith("sqlite:///"):
+        refused: type[Exception] = sqlite3.IntegrityError
+        changes = [("UPDATE", "UPDATE audit_log SET actor = 'mallory' WHERE seq = 1")]
+    else:
+        import psycopg.errors
+
+        refused = psycopg.errors.RaiseException
+        changes = [
+            ("UPDATE", "UPDATE audit_log SET actor = 'mallory' WHERE seq = 1"),
+            ("TRUNCATE", "TRUNCATE audit_log"),
+        ]
+    changes += [
+        ("UPDATE", "UPDATE audit_log SET seq = seq + 100"),
+        ("DELETE", "DELETE FROM audit_log WHERE seq = 3"),
+        ("DELETE", "DELETE FROM audit_log"),
+    ]
+    for operation, sql in changes:
+        with pytest.raises(refused, match=f"append-only: {operation} refused"):
             run(sql, ())
     assert list(app.store.audit_records()) == records
+    assert verify(records).ok
 
 
 def swap(run: Callable[[str, tuple[Any, ...]], None], a: int, b: int) -> None:
@@ -102,27 +124,28 @@ def swap(run: Callable[[str, tuple[Any, ...]], None], a: int, b: int) -> None:
     run("UPDATE audit_log SET seq = ? WHERE seq = -1", (b,))
 
 
+def assert_broken_at(verdict: Verdict, seq: int, why: str) -> None:
+    assert (verdict.ok, verdict.bad_seq) == (False, seq)
+    assert verdict.text().startswith(f"audit chain broken at record {seq}: ")
+    assert why in verdict.text()
+
+
 def test_an_edited_record_is_named(app: Tactician, db_url: str) -> None:
-    fill(app)
+    assert len(fill(app)) == 10
     drop_triggers(db_url)('UPDATE audit_log SET detail = \'{"reason":"ok"}\' WHERE seq = 7', ())
-    verdict = verify(app.store.audit_records())
-    assert (verdict.ok, verdict.bad_seq) == (False, 7)
-    assert "record 7" in verdict.text() and "edited" in verdict.text()
+    assert_broken_at(verify(app.store.audit_records()), 7, "edited")
 
 
 def test_a_deleted_record_is_named(app: Tactician, db_url: str) -> None:
     fill(app)
     drop_triggers(db_url)("DELETE FROM audit_log WHERE seq = 4", ())
-    verdict = verify(app.store.audit_records())
-    assert (verdict.ok, verdict.bad_seq) == (False, 4)
-    assert "missing" in verdict.text()
+    assert_broken_at(verify(app.store.audit_records()), 4, "record 4 is missing")
 
 
 def test_reordered_records_are_named(app: Tactician, db_url: str) -> None:
     fill(app)
     swap(drop_triggers(db_url), 5, 6)
-    verdict = verify(app.store.audit_records())
-    assert (verdict.ok, verdict.bad_seq) == (False, 5)
+    assert_broken_at(verify(app.store.audit_records()), 5, "reordered")
 
 
 def test_an_inserted_record_breaks_the_link_after_it(app: Tactician, db_url: str) -> None:
@@ -138,9 +161,11 @@ def test_an_inserted_record_breaks_the_link_after_it(app: Tactician, db_url: str
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (5, four.at, "root", "task.cancelled", "forged", detail, four.hash, digest),
     )
-    verdict = verify(app.store.audit_records())
-    assert (verdict.ok, verdict.bad_seq) == (False, 6)  # the forged record itself links fine
-    assert "inserted" in verdict.text()
+    after = list(app.store.audit_records())
+    assert [r.subject for r in after[3:6]] == [four.subject, "forged", records[4].subject]
+    assert after[5].hash == records[4].hash  # moved up one place, otherwise untouched
+    # The forged record itself links fine to the one before it; the next one does not.
+    assert_broken_at(verify(after), 6, "inserted")
 
 
 def test_a_rewritten_tail_is_caught_by_the_anchor(app: Tactician, db_url: str) -> None:
@@ -159,12 +184,66 @@ def test_a_rewritten_tail_is_caught_by_the_anchor(app: Tactician, db_url: str) -
         )
         prev = digest
     assert verify(app.store.audit_records()).ok  # consistent inside...
-    verdict = verify(app.store.audit_records(), anchor)
-    assert (verdict.ok, verdict.bad_seq) == (False, anchor[0])  # ...but not with the anchor
-    assert "anchor" in verdict.text()
+    assert anchor[0] == 10
+    verdict = verify(app.store.audit_records(), anchor)  # ...but not with the anchor
+    assert_broken_at(verdict, 10, "differs from the anchor")
+    assert verify(app.store.audit_records(), (6, records[5].hash)).ok  # before the rewrite
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def test_a_truncated_tail_is_caught_by_the_anchor(app: Tactician, db_url: str) -> None:
+    fill(app)
+    anchor = app.store.audit_head()
+    drop_triggers(db_url)("DELETE FROM audit_log WHERE seq > 8", ())
+    assert verify(app.store.audit_records()).ok  # a shorter chain is a chain...
+    assert_broken_at(verify(app.store.audit_records(), anchor), 10, "truncated")
+
+
+def test_the_anchor_of_an_empty_chain_holds(app: Tactician) -> None:
+    anchor = app.store.audit_head()
+    assert anchor == (0, GENESIS)
+    assert verify(app.store.audit_records(), anchor).ok
+    fill(app, tasks=2)
+    assert verify(app.store.audit_records(), anchor).ok
+
+
+@dataclass(frozen=True)
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., Ran]:
+    """`tactician ARGS` through `main()` in this process (a process costs over a second here);
+    the apps a command opens are closed after it."""
+
+    def run(*args: str) -> Ran:
+        opened: list[Tactician] = []
+
+        def open_app(db: str | None) -> Tactician:
+            opened.append(real_open_app(db))
+            return opened[-1]
+
+        real_open_app = cli_govern.open_app
+        code: int | str | None = 0
+        with monkeypatch.context() as patch:
+            patch.setattr(cli_govern, "open_app", open_app)
+            patch.setattr(sys, "argv", ["tactician", *args])
+            try:
+                main()
+            except SystemExit as exc:
+                code = exc.code
+            finally:
+                for opened_app in opened:
+                    opened_app.close()
+        captured = capsys.readouterr()
+        return Ran(code if isinstance(code, int) else 1, captured.out, captured.err)
+
+    return run
+
+
+def tactician_process(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(Path(sys.executable).parent / "tactician"), *args],
         capture_output=True,
@@ -174,21 +253,60 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_the_cli_verifies_prints_the_head_and_exports(app: Tactician, db_url: str) -> None:
+def test_the_cli_verifies_prints_the_head_and_exports(
+    app: Tactician, db_url: str, cli: Callable[..., Ran]
+) -> None:
     records = fill(app)
     good = cli("audit", "verify", "--db", db_url)
-    assert good.returncode == 0 and "intact" in good.stdout
+    assert good.returncode == 0 and "intact: 10 records" in good.stdout, good.stderr
     head = cli("audit", "head", "--db", db_url).stdout.strip()
     seq, digest = app.store.audit_head()
     assert head == f"{seq}:{digest}"
-    assert cli("audit", "verify", "--db", db_url, "--anchor", head).returncode == 0
+    anchored = cli("audit", "verify", "--db", db_url, "--anchor", head)
+    assert anchored.returncode == 0 and "intact" in anchored.stdout, anchored.stderr
     lines = cli("audit", "export", "--db", db_url, "--since", "-1d").stdout.splitlines()
     exported = [json.loads(line) for line in lines]
-    assert [e["seq"] for e in exported] == [r.seq for r in records]
+    assert exported == [r.to_json() for r in records]  # one line a record, in seq order
+    assert [e["seq"] for e in exported] == list(range(1, 11))
+    assert exported[0]["prev_hash"] == GENESIS and exported[-1]["hash"] == digest
     assert all(b["prev_hash"] == a["hash"] for a, b in itertools.pairwise(exported))
     bad = cli("audit", "verify", "--db", db_url, "--anchor", "7:abc")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --anchor must look like")
     assert len(bad.stderr.strip().splitlines()) == 1
-    drop_triggers(db_url)("DELETE FROM audit_log WHERE seq = 3", ())
-    broken = cli("audit", "verify", "--db", db_url)
-    assert broken.returncode == 1 and "broken at record 3" in broken.stdout
+    run = drop_triggers(db_url)
+    run("DELETE FROM audit_log WHERE seq = 10", ())  # the tail: only the anchor notices
+    assert cli("audit", "verify", "--db", db_url).returncode == 0
+    truncated = cli("audit", "verify", "--db", db_url, "--anchor", head)
+    assert truncated.returncode == 1 and "broken at record 10" in truncated.stdout
+    run("DELETE FROM audit_log WHERE seq = 3", ())
+    broken = tactician_process("audit", "verify", "--db", db_url)  # the real command's exit code
+    assert broken.returncode == 1 and "broken at record 3" in broken.stdout, broken.stderr
+
+
+HASH = "ab" * 32
+
+
+@pytest.mark.parametrize(
+    "anchor",
+    [
+        pytest.param("7:abc", id="short-hash"),
+        pytest.param("", id="empty"),
+        pytest.param(f"7{HASH}", id="no-colon"),
+        pytest.param(f"x:{HASH}", id="seq-not-a-number"),
+        pytest.param(f"-1:{HASH}", id="negative-seq"),
+        pytest.param(f"7:{HASH}0", id="long-hash"),
+        pytest.param(f"7:{'z' * 64}", id="hash-not-hex"),
+        pytest.param(f"\u00b2:{HASH}", id="seq-superscript-two"),
+    ],
+)
+def test_a_bad_anchor_is_one_line_and_exit_2(
+    sqlite_url: str, cli: Callable[..., Ran], anchor: str
+) -> None:
+    """Checked before the database is read, so on SQLite only."""
+    app = Tactician(settings=Settings(db=sqlite_url))
+    app.store.register_kinds([KindSpec("job", pool="p")])
+    fill(app, tasks=6)
+    app.close()
+    ran = cli("audit", "verify", "--db", sqlite_url, "--anchor", anchor)
+    assert (ran.returncode, ran.stdout) == (2, ""), ran
+    assert ran.stderr == "error: --anchor must look like SEQ:HASH (from `tactician audit head`)\n"

@@ -12,6 +12,7 @@ import datetime as dt
 import getpass
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -73,6 +74,13 @@ def acting(app: Tactician, token: str | None) -> Actor:
     return app.gate.actor(token, local_admin=local)
 
 
+def authorized(app: Tactician, token: str | None, operation: Operation, subject: str) -> Actor:
+    """The actor this command acts as, once its role is checked (a refusal is audited)."""
+    actor = acting(app, token)
+    app.gate.authorize(actor, operation, subject)
+    return actor
+
+
 def _print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, default=str, sort_keys=True) + "\n")
 
@@ -119,10 +127,10 @@ def audit_verify(
     """Check every record's hash and link; name the first bad record (exit 1)."""
     pinned = None
     if anchor is not None:
-        seq, _, digest = anchor.partition(":")
-        if not seq.isdigit() or len(digest) != 64:
+        found = re.fullmatch(r"([0-9]+):([0-9a-f]{64})", anchor.strip(), flags=re.ASCII)
+        if found is None:
             raise InvalidInput("--anchor must look like SEQ:HASH (from `tactician audit head`)")
-        pinned = (int(seq), digest)
+        pinned = (int(found[1]), found[2])
     verdict = verify(open_app(db).store.audit_records(), pinned)
     if as_json:
         _print_json(
@@ -135,7 +143,7 @@ def audit_verify(
             }
         )
     else:
-        out.print(verdict.text())
+        out.print(verdict.text(), soft_wrap=True)
     if not verdict.ok:
         raise typer.Exit(1)
 
@@ -519,9 +527,7 @@ ExpiresOption = Annotated[
 
 def _override(db: str | None, token: str | None, task_id: str) -> tuple[Tactician, Actor]:
     app = open_app(db)
-    actor = acting(app, token)
-    app.gate.authorize(actor, Operation.OVERRIDE, task_id)
-    return app, actor
+    return app, authorized(app, token, Operation.OVERRIDE, task_id)
 
 
 @overrides_cli.command("pin")
@@ -567,8 +573,7 @@ def overrides_clear(
 ) -> None:
     """Remove an override: the scorer decides again."""
     app = open_app(db)
-    actor = acting(app, token)
-    app.gate.authorize(actor, Operation.CLEAR_OVERRIDE, task_id)
+    actor = authorized(app, token, Operation.CLEAR_OVERRIDE, task_id)
     app.store.clear_override(task_id, what, actor, reason)
     out.print(f"{task_id}: {what} cleared")
 

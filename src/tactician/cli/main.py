@@ -17,14 +17,14 @@ from rich.console import Console
 from rich.table import Table
 
 from tactician.app import Tactician
-from tactician.cli.govern import TokenOption, acting
+from tactician.cli.govern import TokenOption, acting, authorized
 from tactician.cli.govern import register as register_govern
 from tactician.cli.models import register as register_models
 from tactician.cli.simulate import CapacityOption, parse_capacities
 from tactician.cli.simulate import simulate as simulate_command
 from tactician.domain import NewTask, Task, TaskState
 from tactician.errors import InvalidInput, TacticianError
-from tactician.govern.roles import Actor, Operation
+from tactician.govern.roles import Operation
 from tactician.run.worker import WorkerOptions
 from tactician.settings import Settings
 from tactician.store.protocol import TaskFilter
@@ -120,13 +120,6 @@ def _json_object(text: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidInput("payload must be a JSON object")
     return data
-
-
-def _allowed(app: Tactician, token: str | None, operation: Operation, subject: str) -> Actor:
-    """The actor this command acts as, once its role is checked (a refusal is audited)."""
-    actor = acting(app, token)
-    app.gate.authorize(actor, operation, subject)
-    return actor
 
 
 def _print_json(value: Any) -> None:
@@ -296,8 +289,7 @@ def tasks_cancel(
 ) -> None:
     """Cancel a task; a running one is stopped within a heartbeat."""
     app = _open(db)
-    actor = acting(app, token)
-    app.gate.authorize(actor, Operation.CANCEL, task_id)
+    actor = authorized(app, token, Operation.CANCEL, task_id)
     task = app.store.cancel(task_id, actor, reason)
     if as_json:
         _print_json(_task_json(task))
@@ -313,8 +305,7 @@ def tasks_retry(
 ) -> None:
     """Give a dead or cancelled task one more attempt."""
     app = _open(db)
-    actor = acting(app, token)
-    app.gate.authorize(actor, Operation.RETRY, task_id)
+    actor = authorized(app, token, Operation.RETRY, task_id)
     task = app.store.retry(task_id, actor)
     if as_json:
         _print_json(_task_json(task))
@@ -409,8 +400,7 @@ def tasks_reprioritize(
     if due is not None and no_due:
         raise InvalidInput("give --due-at or --no-due, not both")
     app = _open(db)
-    actor = acting(app, token)
-    app.gate.authorize(actor, Operation.REPRIORITIZE, task_id)
+    actor = authorized(app, token, Operation.REPRIORITIZE, task_id)
     task = app.store.reprioritize(
         task_id,
         weight=weight,
@@ -445,7 +435,7 @@ def pools(
             raise InvalidInput(f"--set {item}: units must be a whole number >= 0 or 'unbounded'")
         wanted[name] = None if value == "unbounded" else int(value)
     if wanted:
-        actor = _allowed(app, token, Operation.SET_POOL, ",".join(wanted))
+        actor = authorized(app, token, Operation.SET_POOL, ",".join(wanted))
         for name, capacity in wanted.items():
             app.store.set_pool(name, capacity)
             app.gate.record(actor, "pool.set", name, {"capacity": capacity})
@@ -519,7 +509,7 @@ def schedules_add(
         paused=paused,
     )
     the_app = _open(db, app)
-    actor = _allowed(the_app, token, Operation.SCHEDULE, name)
+    actor = authorized(the_app, token, Operation.SCHEDULE, name)
     ScheduleService(the_app.store, the_app).save(spec)
     the_app.gate.record(actor, "schedule.saved", name, {"kind": kind, "cron": cron, "every": every})
     out.print(f"schedule {name} saved")
@@ -567,7 +557,7 @@ def schedules_list(db: DbOption = None, as_json: JsonOption = False) -> None:
 def schedules_pause(name: str, db: DbOption = None, token: TokenOption = None) -> None:
     """Stop firing (ticks while paused are dropped)."""
     app = _open(db)
-    actor = _allowed(app, token, Operation.SCHEDULE, name)
+    actor = authorized(app, token, Operation.SCHEDULE, name)
     app.store.set_schedule_paused(name, True)
     app.gate.record(actor, "schedule.paused", name)
     out.print(f"schedule {name} paused")
@@ -577,7 +567,7 @@ def schedules_pause(name: str, db: DbOption = None, token: TokenOption = None) -
 def schedules_resume(name: str, db: DbOption = None, token: TokenOption = None) -> None:
     """Fire again from the next tick."""
     app = _open(db)
-    actor = _allowed(app, token, Operation.SCHEDULE, name)
+    actor = authorized(app, token, Operation.SCHEDULE, name)
     app.store.set_schedule_paused(name, False)
     app.gate.record(actor, "schedule.resumed", name)
     out.print(f"schedule {name} resumed")
@@ -587,7 +577,7 @@ def schedules_resume(name: str, db: DbOption = None, token: TokenOption = None) 
 def schedules_delete(name: str, db: DbOption = None, token: TokenOption = None) -> None:
     """Delete a schedule (its tasks stay)."""
     app = _open(db)
-    actor = _allowed(app, token, Operation.SCHEDULE, name)
+    actor = authorized(app, token, Operation.SCHEDULE, name)
     app.store.delete_schedule(name)
     app.gate.record(actor, "schedule.deleted", name)
     out.print(f"schedule {name} deleted")
@@ -609,8 +599,8 @@ def schedules_backfill(
     first, last = _time(start, "start"), _time(end, "end")
     assert first is not None and last is not None
     the_app = _open(db, app)
-    actor = _allowed(the_app, token, Operation.SCHEDULE, name)
-    ids = ScheduleService(the_app.store, the_app).backfill(name, first, last)
+    actor = authorized(the_app, token, Operation.SCHEDULE, name)
+    ids = ScheduleService(the_app.store, the_app).backfill(name, first, last, actor)
     the_app.gate.record(actor, "schedule.backfilled", name, {"tasks": len(ids)})
     if as_json:
         _print_json({"ids": ids})

@@ -342,12 +342,10 @@ def models_rollback(
 
 
 def _authorized(db: str | None, token: str | None, subject: str) -> tuple[Tactician, Actor]:
-    from tactician.cli.govern import acting, open_app
+    from tactician.cli.govern import authorized, open_app
 
     app = open_app(db)
-    actor = acting(app, token)
-    app.gate.authorize(actor, Operation.PROMOTE_MODEL, subject)
-    return app, actor
+    return app, authorized(app, token, Operation.PROMOTE_MODEL, subject)
 
 
 def _model_entry(actor: Actor, action: str, version: str | None, previous: str | None) -> Entry:

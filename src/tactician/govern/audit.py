@@ -126,6 +126,10 @@ def verify(records: Iterable[AuditRecord], anchor: tuple[int, str] | None = None
     """
     expected_seq, prev, checked = 1, GENESIS, 0
     anchor_seen = anchor is None
+    if anchor is not None and anchor[0] == 0:  # the head of an empty chain
+        if anchor[1] != GENESIS:
+            return Verdict(False, 0, prev, 0, "the anchor of an empty chain must be all zeros")
+        anchor_seen = True
     for record in records:
         if record.seq != expected_seq:
             what = "missing (deleted?)" if record.seq > expected_seq else "out of order"

@@ -114,6 +114,10 @@ class Gate:
             if row is None:
                 raise Forbidden("unknown token")
             if row.revoked_at is not None:
+                # Audited: its holder is known. An unknown token is not (anyone could fill
+                # the chain with guesses).
+                detail = {"why": "revoked token", "role": row.role.value}
+                self.record(row.actor(), "access.refused", "-", detail)
                 raise Forbidden(f"token {row.name} was revoked")
             return row.actor()
         if local_admin is not None:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from tactician.domain import KindSpec, NewTask
 from tactician.errors import Conflict, InvalidSchedule, UnknownKind
+from tactician.govern.roles import SYSTEM, Actor
 from tactician.plan.schedules import (
     ScheduleSpec,
     backfill_ticks,
@@ -113,7 +114,7 @@ class ScheduleService:
             schedule=spec.name,
         )
 
-    def backfill(self, name: str, start: float, end: float) -> list[str]:
+    def backfill(self, name: str, start: float, end: float, actor: Actor = SYSTEM) -> list[str]:
         """One task per nominal tick in [start, end], whatever the overlap policy says."""
         rows = {row.name: row for row in self.store.schedules()}
         if name not in rows:
@@ -121,4 +122,4 @@ class ScheduleService:
         spec = spec_from_row(rows[name])
         ticks = backfill_ticks(spec, start, end)
         tasks = [dataclasses.replace(self._task(spec, t), release_at=None) for t in ticks]
-        return self.store.submit(tasks, self.kind_source.known_kinds())
+        return self.store.submit(tasks, self.kind_source.known_kinds(), actor=actor)
