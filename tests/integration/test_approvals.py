@@ -217,7 +217,7 @@ def test_llm_run_now_advice_does_not_skip_a_decision_dependent_rule(
         store, ranker, advisor, DecidePolicy(confidence_threshold=1.01), every_s=0
     )
     chat.default = Reply(content=advise_run_now())
-    assert escalator(now) == 1
+    assert escalator(time.time()) == 1  # after the submission: its release time has come
     chat.wait_for(1)
     deadline = time.monotonic() + 5
     while task_id not in ranker.advice and time.monotonic() < deadline:

@@ -198,7 +198,7 @@ class Gate:
             reason=reason,
         )
         if slot == "live":
-            self._apply(bundle)
+            self.apply(bundle)
         self.forget()
         return deployment
 
@@ -207,11 +207,12 @@ class Gate:
         deployment = self.store.rollback_policy(actor, reason)
         if deployment.version is not None:
             text = self.store.policy_text(deployment.version)
-            self._apply(parse_bundle(text, f"policy {deployment.version}"))
+            self.apply(parse_bundle(text, f"policy {deployment.version}"))
         self.forget()
         return deployment
 
-    def _apply(self, bundle: PolicyBundle) -> None:
+    def apply(self, bundle: PolicyBundle) -> None:
+        """Make the bundle's pools the store's (idempotent)."""
         for pool, capacity in bundle.pools.items():
             self.store.set_pool(pool, capacity)
 
@@ -377,6 +378,7 @@ class GateHook:
             self.ranker.policy_version = policy.version
             return
         self.ranker.use_policy(policy.version, scorer_for(policy, self.ranker.models), policy.rules)
+        self.gate.apply(policy.bundle)  # again: a deploy that died before applying is healed
         log.info("planner follows policy %s (%s)", policy.version[:12], policy.bundle.name)
 
     def _follow_experiment(self, deployed: Deployed | None) -> None:
