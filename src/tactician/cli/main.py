@@ -148,11 +148,43 @@ def serve(
     workers: Annotated[int, typer.Option(min=0, help="Worker processes.")] = 2,
     concurrency: Annotated[int, typer.Option(min=1, help="Runners per worker.")] = 1,
     batch: Annotated[int, typer.Option(min=1, help="Tasks claimed per runner at once.")] = 1,
+    host: Annotated[str, typer.Option(help="The API's address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="The API's port (0: none).")] = 8700,
 ) -> None:
-    """Run the planner and local worker processes until Ctrl-C."""
+    """Run the REST API, the planner and local worker processes until Ctrl-C."""
     _logging()
     the_app = _open(db, app)
+    if port:
+        _serve_api(the_app.settings, host, port)
     the_app.serve(workers, WorkerOptions(concurrency=concurrency, batch=batch))
+
+
+@cli.command()
+def api(
+    db: DbOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8700,
+) -> None:
+    """Serve the REST API only (OpenAPI at /docs) until Ctrl-C."""
+    import uvicorn
+
+    from tactician.api.app import create_api
+
+    _logging()
+    uvicorn.run(create_api(Settings.from_env(db=db)), host=host, port=port, log_level="info")
+
+
+def _serve_api(settings: Settings, host: str, port: int) -> None:
+    """The API in a thread of this (the planner's) process."""
+    import threading
+
+    import uvicorn
+
+    from tactician.api.app import create_api
+
+    server = uvicorn.Server(uvicorn.Config(create_api(settings), host=host, port=port))
+    threading.Thread(target=server.run, name="api", daemon=True).start()
+    out.print(f"API on http://{host}:{port} (docs at /docs)")
 
 
 @cli.command()

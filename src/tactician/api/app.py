@@ -1,0 +1,124 @@
+"""The REST API: everything the CLI does, over HTTP, with bearer tokens and the gate's roles.
+
+`create_api(settings)` builds a FastAPI app (OpenAPI 3.1 at `/openapi.json`, docs at `/docs`).
+Every request acts as the actor its `Authorization: Bearer <token>` names; reads need any valid
+token, mutations the role the permission matrix (`tactician.govern.roles.ALLOWED`) gives, and a
+refusal answers 403 and leaves an `access.refused` audit record. Errors are one body shape,
+`{"code": ..., "message": ...}`, with a one-line message; nothing answers 500 on bad input.
+
+Each server thread opens its own store connection (SQLite and psycopg connections are not
+shared between threads).
+"""
+
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from tactician.api import routes
+from tactician.app import Tactician
+from tactician.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    StoreUnavailable,
+    TacticianError,
+)
+from tactician.govern.roles import Actor
+from tactician.settings import Settings
+
+STATUS = {InvalidInput: 400, Forbidden: 403, NotFound: 404, Conflict: 409, StoreUnavailable: 503}
+
+
+class Unauthorized(Forbidden):
+    """A bearer token is needed."""
+
+
+def _status(exc: TacticianError) -> tuple[int, str]:
+    if isinstance(exc, Unauthorized) or (
+        isinstance(exc, Forbidden) and exc.message.startswith(("unknown token", "token "))
+    ):
+        return 401, "unauthorized"
+    for kind, status in STATUS.items():
+        if isinstance(exc, kind):
+            return status, kind.__name__.lower().replace("invalidinput", "invalid_input")
+    return 500, "error"
+
+
+def error_body(code: str, message: str) -> dict[str, str]:
+    return {"code": code, "message": " ".join(message.split())}
+
+
+def create_api(settings: Settings) -> FastAPI:
+    """The API over the database `settings.db` names."""
+    local = threading.local()
+    opened: list[Tactician] = []
+    lock = threading.Lock()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        with lock:
+            for app in opened:
+                app.close()
+            opened.clear()
+
+    api = FastAPI(
+        lifespan=lifespan,
+        title="Tactician",
+        version="0.1.0",
+        description="Decides what runs when, runs it durably, keeps humans in charge.",
+        responses={
+            400: {"model": routes.ErrorOut},
+            401: {"model": routes.ErrorOut},
+            403: {"model": routes.ErrorOut},
+            404: {"model": routes.ErrorOut},
+            409: {"model": routes.ErrorOut},
+            422: {"model": routes.ErrorOut},
+        },
+    )
+
+    def tactician() -> Tactician:
+        app: Tactician | None = getattr(local, "app", None)
+        if app is None:
+            app = Tactician(settings=settings)
+            local.app = app
+            with lock:
+                opened.append(app)
+        return app
+
+    def current_app() -> Iterator[Tactician]:
+        yield tactician()
+
+    def actor(
+        app: Annotated[Tactician, Depends(current_app)],
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> Actor:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("a bearer token is needed: Authorization: Bearer <token>")
+        return app.gate.actor(token.strip())
+
+    @api.exception_handler(TacticianError)
+    async def tactician_error(_: Request, exc: TacticianError) -> JSONResponse:
+        status, code = _status(exc)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse(error_body(code, exc.message), status_code=status, headers=headers)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "")
+        return JSONResponse(error_body("invalid_input", str(message)), status_code=422)
+
+    api.include_router(routes.build(current_app, actor))
+    return api
+
+
+__all__ = ["create_api", "error_body"]
