@@ -9,9 +9,11 @@ For each pool, at each instant:
    a deadline earliest first and project each one's start in a fluid model of the pool:
    `now + R / m^2 + W / m` for R the work left of the running tasks and W the work ahead of
    it (exact for one unit; for many, the first start comes after about R / m^2 and then the
-   work ahead drains m units at a time). While some task would finish late, the costliest task
-   (duration x units / weight^a) at or before the first late one is set aside as **lost**: it
-   cannot be on time without making others late. A lost task stays lost.
+   work ahead drains m units at a time). A task counts as late only if a somewhat short run of
+   its own (about its p35) would still miss: a task with a fair chance is tried, not given up.
+   While some task would be late, the costliest task (duration x units / weight^a) at or
+   before the first late one is set aside as **lost**: it cannot be on time without making
+   others late. A lost task stays lost.
 3. **Order.** Deadline tasks that would be late if they waited for the pool's backlog to
    clear are **urgent** and go first, by due - p50 / 2 (between earliest deadline and least
    slack). Everything else goes by expected cost per unit of capacity: Smith's rule with the
@@ -81,6 +83,12 @@ class Objective:
     """Urgent tasks go by due - lst x p50: 1 is least slack first, 0 earliest deadline first
     (in between does best on the scenarios: least slack alone lets long tasks crowd out
     short ones)."""
+    hope: float = 0.25
+    """A task is late in the triage if its start plus p50 x (p50 / p90)^hope of its own run
+    passes its deadline (0.25: about p35 for a log-normal), while the work ahead of it is
+    planned with the optimism above: a task that may well be on time if started soon is kept
+    and tried rather than set aside (most of what is set aside at light load is tasks whose p50
+    alone overruns their slot, and a good part of those would have made it)."""
     max_iterations: int = 64
     """Tasks set aside per pool per ranking, at most (the rest wait for the next instant)."""
 
@@ -244,6 +252,7 @@ class Learned:
             return index, np.full(len(rows), NORMAL)
         m = float(view.capacity)
         q = p50 * (p50 / p90) ** objective.optimism
+        own = p50 * (p50 / p90) ** objective.hope
         order = np.flatnonzero(~np.isnan(due) & ~lost)
         order = order[np.argsort(due[order], kind="stable")]
         work = q[order] * units[order]
@@ -252,7 +261,7 @@ class Learned:
         first_start = now + view.busy_work / (m * m)
         for _ in range(objective.max_iterations):
             kept = np.where(keep, work, 0.0)
-            late = keep & (first_start + (np.cumsum(kept) - kept) / m + q[order] > due[order])
+            late = keep & (first_start + (np.cumsum(kept) - kept) / m + own[order] > due[order])
             if not late.any():
                 break
             first = int(np.argmax(late))
@@ -295,11 +304,11 @@ class Learned:
         triage = self._triage.get(pool)
         if triage is None:
             return float(self.rank(RankRequest(backlog, rows, now, request.pools))[0])
-        q = p50 * (p50 / p90) ** self.objective.optimism
+        own = p50 * (p50 / p90) ** self.objective.hope
         at = int(np.searchsorted(triage.due, due, side="right"))
         ahead = float(triage.work_upto[at - 1]) if at else 0.0
         start = triage.first_start + (now - triage.now) + ahead / triage.m
-        if start + q > due:
+        if start + own > due:
             self._lost_mask(rows)
             self._lost[row] = True
             return LOST * BAND + index
