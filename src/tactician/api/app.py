@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tactician.api import routes
 from tactician.app import Tactician
@@ -109,6 +110,16 @@ def create_api(settings: Settings) -> FastAPI:
         status, code = _status(exc)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse(error_body(code, exc.message), status_code=status, headers=headers)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (a body it cannot parse, a wrong method): our body shape."""
+        code = {400: "invalid_input", 404: "notfound", 405: "method_not_allowed"}.get(
+            exc.status_code, "error"
+        )
+        return JSONResponse(
+            error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+        )
 
     @api.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
