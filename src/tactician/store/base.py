@@ -34,6 +34,7 @@ from tactician.ids import new_ids
 from tactician.plan.capacity import Candidate, CapacityView, KindLimits
 from tactician.plan.flow import Bucket, after_result, allowed_in_flight
 from tactician.settings import Settings
+from tactician.store.deadletters import DeadLetterMixin
 from tactician.store.governance import GovernanceMixin
 from tactician.store.protocol import (
     Finish,
@@ -91,7 +92,7 @@ class Cursor(Protocol):
     def fetchone(self) -> Any: ...
 
 
-class SqlStore(GovernanceMixin):
+class SqlStore(GovernanceMixin, DeadLetterMixin):
     """Store logic over a DB-API connection; one instance per process, one thread."""
 
     dialect = "sql"

@@ -153,6 +153,48 @@ class OutcomeRow:
         return self.outcome != "succeeded"
 
 
+@dataclass(frozen=True)
+class DeadLetter:
+    """An event refused at ingestion, kept as it was received (kept here, not in
+    `tactician.ingest`, because this port sits below the services in the layers)."""
+
+    id: str
+    source: str
+    received_at: float
+    reason: str
+    body: str
+    """The raw body as text: bytes that are not UTF-8 appear as \\xNN escapes."""
+    headers: Mapping[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "source": self.source,
+            "received_at": self.received_at,
+            "reason": self.reason,
+            "body": self.body,
+            "headers": dict(self.headers),
+        }
+
+
+class DeadLetterStore(Protocol):
+    """Events refused at ingestion; keeping one also appends its audit record."""
+
+    def dead_letter(
+        self,
+        source: str,
+        reason: str,
+        body: bytes | str,
+        headers: Mapping[str, str],
+        *,
+        actor: Actor = ...,
+    ) -> str: ...
+
+    def dead_letters(self, limit: int = 100, after_id: str | None = None) -> list[DeadLetter]:
+        """Newest first; `after_id` is the last id of the previous page."""
+        ...
+
+
 class GovernanceStore(Protocol):
     """The gate's tables; every change also appends its audit record, in one transaction."""
 
@@ -246,7 +288,7 @@ class GovernanceStore(Protocol):
     def finished_since(self, since: float) -> list[OutcomeOfTask]: ...
 
 
-class Store(GovernanceStore, Protocol):
+class Store(GovernanceStore, DeadLetterStore, Protocol):
     url: str
 
     def close(self) -> None: ...
