@@ -38,6 +38,9 @@ class Settings:
     refit_every: int = 0
     """Refit the predictors after this many new outcomes, and promote them if they beat the
     baselines (0: only `tactician train` fits)."""
+    webhook_secrets: str = ""
+    """Signed webhook sources, `source=secret,other=secret2` (TACTICIAN_WEBHOOK_SECRETS): an event
+    for such a source must carry a valid HMAC signature instead of a bearer token."""
     token: str = ""
     """The bearer token the CLI acts with (TACTICIAN_TOKEN); empty: none."""
     models_dir: str = ".tactician/models"

@@ -31,6 +31,7 @@ from tactician.errors import (
     TacticianError,
 )
 from tactician.govern.roles import Actor
+from tactician.ingest.signatures import BadSignature
 from tactician.settings import Settings
 
 STATUS = {InvalidInput: 400, Forbidden: 403, NotFound: 404, Conflict: 409, StoreUnavailable: 503}
@@ -41,7 +42,7 @@ class Unauthorized(Forbidden):
 
 
 def _status(exc: TacticianError) -> tuple[int, str]:
-    if isinstance(exc, Unauthorized) or (
+    if isinstance(exc, Unauthorized | BadSignature) or (
         isinstance(exc, Forbidden) and exc.message.startswith(("unknown token", "token "))
     ):
         return 401, "unauthorized"

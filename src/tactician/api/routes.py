@@ -5,7 +5,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from tactician.app import Tactician
@@ -13,6 +13,7 @@ from tactician.domain import NewTask, Task
 from tactician.errors import InvalidInput
 from tactician.govern.audit import verify
 from tactician.govern.roles import Actor, Operation, parse_role
+from tactician.ingest.intake import Format, Intake, parse_secrets
 from tactician.store.protocol import TaskFilter
 
 AppDep = Callable[[], Iterator[Tactician]]
@@ -100,6 +101,10 @@ def task_json(task: Task) -> Json:
     data["state"] = task.state.value
     data.pop("last_traceback", None)
     return data
+
+
+async def _raw_body(request: Request) -> bytes:
+    return await request.body()
 
 
 def build(current_app: AppDep, actor_of: ActorDep) -> APIRouter:
@@ -341,6 +346,64 @@ def build(current_app: AppDep, actor_of: ActorDep) -> APIRouter:
     @router.post("/policies/rollback", tags=["policies"], response_model=Json)
     def rollback(app: App, actor: Who, body: Reason) -> Json:
         return asdict(app.gate.rollback(actor, body.reason or None))
+
+    # --- ingestion -----------------------------------------------------------------------------
+
+    def intake(app: Tactician) -> Intake:
+        return Intake(
+            app.store,
+            lambda tasks, actor: app.submit_many(tasks, actor=actor),
+            parse_secrets(app.settings.webhook_secrets),
+        )
+
+    def ingest(app: Tactician, request: Request, body: bytes, source: str, format: Format) -> Json:
+        """Signed sources prove themselves by signature, the others by a bearer token that may
+        submit; the event's tasks are committed before the answer."""
+        taker = intake(app)
+        headers = dict(request.headers)
+        if taker.signed(source):
+            taker.check_signature(source, headers, body)
+            actor = taker.source_actor(source)
+        else:
+            actor = actor_of(app, request.headers.get("authorization"))
+            app.gate.authorize(actor, Operation.SUBMIT, f"events:{source}")
+        templates = app.gate.policy().bundle.templates
+        accepted = taker.take(source, format, headers, body, templates, actor)
+        return {"tasks": accepted.tasks, "cancelled": accepted.cancelled}
+
+    Body = Annotated[bytes, Depends(_raw_body)]
+
+    @router.post("/events/{source}", tags=["ingest"], status_code=202, response_model=Json)
+    def event(app: App, request: Request, body: Body, source: str) -> Json:
+        """A JSON object, turned into tasks by the live bundle's templates for `source`
+        (an `Idempotency-Key` header makes repeats one task)."""
+        return ingest(app, request, body, source, "json")
+
+    @router.post(
+        "/events/{source}/cloudevents", tags=["ingest"], status_code=202, response_model=Json
+    )
+    def cloudevent(app: App, request: Request, body: Body, source: str) -> Json:
+        """A CloudEvent 1.0, structured or binary content mode."""
+        return ingest(app, request, body, source, "cloudevents")
+
+    @router.post(
+        "/events/{source}/alertmanager", tags=["ingest"], status_code=202, response_model=Json
+    )
+    def alertmanager(app: App, request: Request, body: Body, source: str) -> Json:
+        """A Prometheus Alertmanager webhook (version 4): firing alerts become tasks (one per
+        fingerprint and start), resolved ones cancel the tasks that have not started."""
+        return ingest(app, request, body, source, "alertmanager")
+
+    @router.get("/dead-letters", tags=["ingest"], response_model=Page)
+    def dead_letters(
+        app: App,
+        _: Who,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        after: str | None = None,
+    ) -> Page:
+        rows = app.store.dead_letters(limit=limit, after_id=after)
+        next_after = rows[-1].id if len(rows) == limit else None
+        return Page(items=[r.to_json() for r in rows], next=next_after)
 
     # --- models, audit, tokens -----------------------------------------------------------------
 

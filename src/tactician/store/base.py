@@ -439,6 +439,26 @@ class SqlStore(GovernanceMixin, DeadLetterMixin):
             self._audit(cur, [_batch_entry(actor, "task.cancelled", [task_id], detail)], now)
             return self._get(cur, task_id)
 
+    def cancel_waiting(self, key_prefix: str, actor: Actor = SYSTEM, reason: str = "") -> list[str]:
+        """Cancel every task not started yet whose idempotency key starts with `key_prefix`
+        (a resolved alert's remediation); returns their ids."""
+        if not key_prefix:
+            raise InvalidInput("a key prefix is needed")
+        pattern = key_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        with self._tx() as cur:
+            now = self._now(cur)
+            cur.execute(
+                "UPDATE tasks SET state = 'cancelled', finished_at = ?, last_error = ? "
+                "WHERE idempotency_key LIKE ? ESCAPE '\\' AND state IN ('pending', 'ready', "
+                "'retry_wait', 'awaiting_approval', 'held') RETURNING id",
+                (now, f"cancelled: {reason}" if reason else "cancelled", pattern),
+            )
+            ids = sorted(row[0] for row in cur.fetchall())
+            if ids:
+                detail = {"reason": reason, "key_prefix": key_prefix}
+                self._audit(cur, [_batch_entry(actor, "task.cancelled", ids, detail)], now)
+            return ids
+
     def retry(self, task_id: str, actor: Actor = SYSTEM) -> Task:
         """Give a dead or cancelled task one more attempt."""
         with self._tx() as cur:

@@ -333,6 +333,10 @@ class Store(GovernanceStore, DeadLetterStore, Protocol):
 
     def retry(self, task_id: str, actor: Actor = ...) -> Task: ...
 
+    def cancel_waiting(
+        self, key_prefix: str, actor: Actor = ..., reason: str = ""
+    ) -> list[str]: ...
+
     # the planner
     def try_lead(self, holder: str, ttl: float) -> bool: ...
 
