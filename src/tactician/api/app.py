@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tactician.api import routes
+from tactician.api import console, routes
 from tactician.app import Tactician
 from tactician.errors import (
     Conflict,
@@ -130,6 +130,7 @@ def create_api(settings: Settings) -> FastAPI:
         return JSONResponse(error_body("invalid_input", str(message)), status_code=422)
 
     api.include_router(routes.build(current_app, actor))
+    console.install(api, current_app)
     return api
 
 
