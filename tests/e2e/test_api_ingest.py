@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
@@ -18,6 +19,7 @@ from tactician.domain import KindSpec, TaskState
 from tactician.govern.roles import Actor, Role
 from tactician.ingest.signatures import sign
 from tactician.settings import Settings
+from tactician.store.protocol import TaskFilter
 from tests.e2e.serving import serving
 
 ROOT = Actor("root", Role.ADMIN)
@@ -88,6 +90,7 @@ def test_a_json_event_becomes_one_task_and_repeats_merge(world: World) -> None:
     again = world.client.post("/events/shop", json={"type": "order", "id": 7}, headers=headers)
     assert again.json()["tasks"] == [task_id]
     assert len(world.app.tasks()) == 1
+    assert world.app.store.dead_letters() == []  # refused signatures store nothing
 
 
 def test_an_event_needs_a_token_that_may_submit(world: World) -> None:
@@ -219,6 +222,10 @@ def test_a_signed_source_needs_a_valid_signature_not_a_token(world: World) -> No
     (task_id,) = accepted.json()["tasks"]
     submitted = [r for r in world.app.store.audit_records() if r.action == "task.submitted"]
     assert submitted[-1].actor == "source:github" and world.app.get(task_id).payload == {"pr": 5}
+    replayed = world.client.post(
+        "/events/github", content=body, headers={**good, "Content-Type": "application/json"}
+    )
+    assert "already used" in refused(replayed, 401)
     forged = sign(body, "wrong", int(time.time()))
     assert "does not match" in refused(
         world.client.post("/events/github", content=body, headers=forged), 401
@@ -231,3 +238,29 @@ def test_a_signed_source_needs_a_valid_signature_not_a_token(world: World) -> No
         world.client.post("/events/github", content=body, headers=world.operator), 401
     )
     assert len(world.app.tasks()) == 1
+    assert world.app.store.dead_letters() == []  # refused signatures store nothing
+
+
+def test_a_thousand_concurrent_events_are_all_kept(world: World) -> None:
+    """1,000 events from 16 threads at once: every 202 has its task, nothing else appears."""
+
+    def post(n: int) -> tuple[int, list[str]]:
+        response = world.client.post(
+            "/events/shop",
+            json={"type": "order", "id": n},
+            headers={**world.operator, "Idempotency-Key": f"order-{n}"},
+        )
+        if response.status_code != 202:
+            return response.status_code, [response.text[:200]]
+        return response.status_code, response.json()["tasks"]
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(post, range(1000)))
+    accepted = [ids[0] for status, ids in answers if status == 202]
+    refused_count = sum(1 for status, _ in answers if status != 202)
+    problems = {(status, ids[0]) for status, ids in answers if status != 202}
+    stored = {t.id: t.payload["order"] for t in world.app.tasks(TaskFilter(limit=10_000))}
+    print(f"posted 1000, accepted {len(accepted)}, refused {refused_count}, stored {len(stored)}")
+    assert set(accepted) == set(stored) and len(accepted) == len(set(accepted))
+    assert sorted(stored.values()) == list(range(1000)) or refused_count > 0
+    assert refused_count == 0, problems  # on a healthy server every one is taken

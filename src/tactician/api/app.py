@@ -6,8 +6,8 @@ token, mutations the role the permission matrix (`tactician.govern.roles.ALLOWED
 refusal answers 403 and leaves an `access.refused` audit record. Errors are one body shape,
 `{"code": ..., "message": ...}`, with a one-line message; nothing answers 500 on bad input.
 
-Each server thread opens its own store connection (SQLite and psycopg connections are not
-shared between threads).
+Each request borrows a store connection of its own from a pool (SQLite and psycopg connections
+do not take concurrent use).
 """
 
 import contextlib
@@ -58,7 +58,7 @@ def error_body(code: str, message: str) -> dict[str, str]:
 
 def create_api(settings: Settings) -> FastAPI:
     """The API over the database `settings.db` names."""
-    local = threading.local()
+    idle: list[Tactician] = []  # connections no request is using
     opened: list[Tactician] = []
     lock = threading.Lock()
 
@@ -85,17 +85,21 @@ def create_api(settings: Settings) -> FastAPI:
         },
     )
 
-    def tactician() -> Tactician:
-        app: Tactician | None = getattr(local, "app", None)
+    def current_app() -> Iterator[Tactician]:
+        """A store connection of the request's own: FastAPI may run a request's dependencies
+        and its endpoint on different threads, so connections are lent per request, not per
+        thread (neither sqlite3 nor psycopg connections take concurrent use)."""
+        with lock:
+            app = idle.pop() if idle else None
         if app is None:
             app = Tactician(settings=settings)
-            local.app = app
             with lock:
                 opened.append(app)
-        return app
-
-    def current_app() -> Iterator[Tactician]:
-        yield tactician()
+        try:
+            yield app
+        finally:
+            with lock:
+                idle.append(app)
 
     def actor(
         app: Annotated[Tactician, Depends(current_app)],

@@ -361,14 +361,22 @@ def build(current_app: AppDep, actor_of: ActorDep) -> APIRouter:
         submit; the event's tasks are committed before the answer."""
         taker = intake(app)
         headers = dict(request.headers)
+        signature = None
         if taker.signed(source):
-            taker.check_signature(source, headers, body)
+            signature = taker.check_signature(source, headers, body)
             actor = taker.source_actor(source)
         else:
             actor = actor_of(app, request.headers.get("authorization"))
             app.gate.authorize(actor, Operation.SUBMIT, f"events:{source}")
         templates = app.gate.policy().bundle.templates
-        accepted = taker.take(source, format, headers, body, templates, actor)
+        try:
+            accepted = taker.take(source, format, headers, body, templates, actor)
+        except InvalidInput:
+            raise  # dead-lettered: sending it again would not help
+        except Exception:
+            if signature is not None:  # not taken for a passing reason: it may come again
+                app.store.forget_signature(signature)
+            raise
         return {"tasks": accepted.tasks, "cancelled": accepted.cancelled}
 
     Body = Annotated[bytes, Depends(_raw_body)]

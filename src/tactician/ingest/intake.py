@@ -22,7 +22,7 @@ from tactician.govern.roles import Actor, Role
 from tactician.ingest.alertmanager import parse_alertmanager
 from tactician.ingest.cloudevents_in import parse_cloudevent
 from tactician.ingest.records import Event, Resolution, Unmatched
-from tactician.ingest.signatures import verify
+from tactician.ingest.signatures import BadSignature, verify
 from tactician.ingest.templates import task_for
 from tactician.store.protocol import Store
 
@@ -65,9 +65,13 @@ class Intake:
         """Who a signed source's events are submitted as."""
         return Actor(f"source:{source}", Role.OPERATOR)
 
-    def check_signature(self, source: str, headers: Mapping[str, str], body: bytes) -> None:
-        """Raise BadSignature (a Forbidden) unless a signed source's request is genuine."""
-        verify(headers, body, self.secrets[source], self.store.db_now(), self.window_s)
+    def check_signature(self, source: str, headers: Mapping[str, str], body: bytes) -> str:
+        """Raise BadSignature (a Forbidden) unless a signed source's request is genuine and new;
+        returns its signature, now remembered (`forget_signature` undoes that)."""
+        signature = verify(headers, body, self.secrets[source], self.store.db_now(), self.window_s)
+        if not self.store.remember_signature(source, signature, self.window_s):
+            raise BadSignature("signature already used: a replayed request")
+        return signature
 
     def take(
         self,

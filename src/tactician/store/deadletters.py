@@ -111,6 +111,24 @@ class DeadLetterMixin:
             self._audit(cur, [Entry(actor.name, "event.dead_lettered", letter_id, detail)], now)
         return letter_id
 
+    def remember_signature(self, source: str, signature: str, window_s: float) -> bool:
+        """Note a signed request's signature; False when it was taken before (a replay).
+        Signatures older than the window are forgotten: their requests fail the window."""
+        with self._tx() as cur:
+            now = self._now(cur)
+            cur.execute("DELETE FROM seen_signatures WHERE seen_at < ?", (now - 2 * window_s,))
+            cur.execute(
+                "INSERT INTO seen_signatures (signature, source, seen_at) VALUES (?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                (signature, source, now),
+            )
+            return cur.rowcount == 1
+
+    def forget_signature(self, signature: str) -> None:
+        """Let a request be sent again (its event could not be taken for a passing reason)."""
+        with self._tx() as cur:
+            cur.execute("DELETE FROM seen_signatures WHERE signature = ?", (signature,))
+
     def dead_letters(self, limit: int = 100, after_id: str | None = None) -> list[DeadLetter]:
         """Newest first, `limit` at most; `after_id` is the last id of the previous page."""
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:

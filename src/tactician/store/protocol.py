@@ -180,6 +180,10 @@ class DeadLetter:
 class DeadLetterStore(Protocol):
     """Events refused at ingestion; keeping one also appends its audit record."""
 
+    def remember_signature(self, source: str, signature: str, window_s: float) -> bool: ...
+
+    def forget_signature(self, signature: str) -> None: ...
+
     def dead_letter(
         self,
         source: str,

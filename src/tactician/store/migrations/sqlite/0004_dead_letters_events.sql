@@ -9,3 +9,13 @@ CREATE TABLE dead_letters (
     headers TEXT NOT NULL            -- the request's headers as a JSON object
 );
 CREATE INDEX dead_letters_received ON dead_letters (received_at)
+;
+
+-- Signatures of signed webhooks already taken: one is refused the second time (replay), and
+-- those older than the replay window are dropped (an older request fails the window anyway).
+CREATE TABLE seen_signatures (
+    signature TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    seen_at REAL NOT NULL
+);
+CREATE INDEX seen_signatures_at ON seen_signatures (seen_at)
