@@ -423,3 +423,21 @@ def test_domain_errors_map_to_4xx(world: World) -> None:
         world.client.get("/tasks", params={"state": "sleeping"}, headers=op), 400, "invalid_input"
     )
     assert world.app.get(task_id).state is TaskState.READY
+
+
+def test_policy_compare_reports_both_arms_and_the_shadow(world: World) -> None:
+    admin = world.as_(Role.ADMIN)
+    ok(world.client.post("/policies", json={"text": BUNDLE}, headers=admin), 201)
+    trial = {"text": "name: trial\n", "slot": "experiment", "share": 0.5, "split_by": "tenant"}
+    ok(world.client.post("/policies", json=trial, headers=admin), 201)
+    ok(
+        world.client.post(
+            "/policies", json={"text": "name: shade\n", "slot": "shadow"}, headers=admin
+        ),
+        201,
+    )
+    report = ok(world.client.get("/policies/compare", headers=world.as_(Role.VIEWER)))
+    arms = report["experiment"]["arms"]
+    assert len(arms) == 2 and report["experiment"]["split_by"] == "tenant"
+    assert arms[0]["tasks"] == 0 and arms[0]["missed_rate"]["value"] is None  # nothing ran yet
+    assert report["shadow"]["tasks"] == 0

@@ -1,8 +1,9 @@
 """The API's endpoints: tasks, decisions, approvals, overrides, pools, policies, models, audit,
 tokens. Each mutation checks the actor's role through the gate before it changes anything."""
 
+import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -101,6 +102,17 @@ def task_json(task: Task) -> Json:
     data["state"] = task.state.value
     data.pop("last_traceback", None)
     return data
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses as JSON objects, NaN (an empty arm's KPI) as null, all the way down."""
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 async def _raw_body(request: Request) -> bytes:
@@ -329,6 +341,12 @@ def build(current_app: AppDep, actor_of: ActorDep) -> APIRouter:
             }
             for slot, d in slots.items()
         } or {"live": {"version": "builtin", "name": "builtin", "share": None, "split_by": None}}
+
+    @router.get("/policies/compare", tags=["policies"], response_model=Json)
+    def compare(app: App, _: Who, since: float | None = None) -> Json:
+        """The experiment's arms (KPIs with 95 % intervals) and the shadow's agreement."""
+        report: Json = _plain(app.gate.compare(since))
+        return report
 
     @router.post("/policies", tags=["policies"], status_code=201, response_model=Json)
     def deploy(app: App, actor: Who, body: PolicyIn) -> Json:

@@ -368,35 +368,8 @@ def policy_compare(
 ) -> None:
     """KPIs of the live bundle against the experiment (A/B, with 95% intervals) and how the
     shadow bundle's decisions differ from the live ones."""
-    from tactician.govern.compare import arm_kpis, in_experiment, shadow_report
-
     app = open_app(db)
-    slots = app.gate.slots()
-    live = app.gate.policy()
-    report: dict[str, Any] = {"live": live.version}
-    experiment = slots.get("experiment")
-    if experiment is not None:
-        d = experiment.deployment
-        start = parse_time(since, "since", app.store.db_now()) or d.at
-        outcomes = app.store.finished_since(start)
-        salt, share, split = experiment.policy.version, d.share or 0.0, d.split_by or "task"
-        arm_b = [o for o in outcomes if in_experiment(o.task_id, o.tenant, share, split, salt)]
-        b_ids = {o.task_id for o in arm_b}
-        arm_a = [o for o in outcomes if o.task_id not in b_ids]
-        report["experiment"] = {
-            "share": share,
-            "split_by": split,
-            "since": start,
-            "arms": [arm_kpis(live.version, arm_a).__dict__, arm_kpis(salt, arm_b).__dict__],
-        }
-    shadow = slots.get("shadow")
-    if shadow is not None:
-        first = {r.task_id: r for r in app.store.recorded_decisions(live.version)}
-        other = {r.task_id: r for r in app.store.recorded_decisions(shadow.policy.version)}
-        report["shadow"] = shadow_report(
-            {t: r for t, r in first.items() if r.slot == "live"},
-            {t: r for t, r in other.items() if r.slot == "shadow"},
-        ).__dict__
+    report = app.gate.compare(parse_time(since, "since", app.store.db_now()))
     if "experiment" not in report and "shadow" not in report:
         raise InvalidInput("nothing to compare: deploy a bundle with --shadow or --experiment")
     if as_json:
@@ -406,20 +379,20 @@ def policy_compare(
         table = Table("bundle", "tasks", "missed rate", "weighted tardiness", "escalation rate")
         for arm in report["experiment"]["arms"]:
             table.add_row(
-                arm["version"][:12],
-                str(arm["tasks"]),
-                arm["missed_rate"].text(),
-                arm["weighted_tardiness"].text(),
-                arm["escalation_rate"].text(),
+                arm.version[:12],
+                str(arm.tasks),
+                arm.missed_rate.text(),
+                arm.weighted_tardiness.text(),
+                arm.escalation_rate.text(),
             )
         out.print(table)
     if "shadow" in report:
         s = report["shadow"]
         out.print(
-            f"shadow {s['shadow_version'][:12]} beside live {s['live_version'][:12]}: "
-            f"{s['tasks']} tasks, same action {s['same_action']:.0%}, rank correlation "
-            f"{s['rank_correlation']:.2f}, escalations {s['live_escalations']} live vs "
-            f"{s['shadow_escalations']} shadow"
+            f"shadow {s.shadow_version[:12]} beside live {s.live_version[:12]}: "
+            f"{s.tasks} tasks, same action {s.same_action:.0%}, rank correlation "
+            f"{s.rank_correlation:.2f}, escalations {s.live_escalations} live vs "
+            f"{s.shadow_escalations} shadow"
         )
 
 

@@ -26,6 +26,7 @@ from tactician.domain import NewTask
 from tactician.errors import Forbidden, InvalidInput, TacticianError
 from tactician.govern.approvals import RuleSpec, due_steps, first_static, is_sensitive
 from tactician.govern.audit import Entry
+from tactician.govern.compare import arm_kpis, in_experiment, shadow_report
 from tactician.govern.policy import DEFAULT_BUNDLE, PolicyBundle, bundle_version, parse_bundle
 from tactician.govern.records import ApprovalRow, DecisionRow, Deployment, NewApproval
 from tactician.govern.roles import (
@@ -163,6 +164,38 @@ class Gate:
             slots[slot] = Deployed(LivePolicy.of(bundle, version), deployment)
         self._cached = (now, slots)
         return slots
+
+    def compare(self, since: float | None = None) -> dict[str, Any]:
+        """The live bundle against the experiment (each arm's KPIs with 95 % intervals, from
+        tasks created since `since` or the experiment's start) and the shadow's agreement with
+        live; a slot that is not deployed is left out."""
+        slots = self.slots()
+        live = self.policy()
+        report: dict[str, Any] = {"live": live.version}
+        experiment = slots.get("experiment")
+        if experiment is not None:
+            d = experiment.deployment
+            start = d.at if since is None else since
+            outcomes = self.store.finished_since(start)
+            salt, share, split = experiment.policy.version, d.share or 0.0, d.split_by or "task"
+            arm_b = [o for o in outcomes if in_experiment(o.task_id, o.tenant, share, split, salt)]
+            b_ids = {o.task_id for o in arm_b}
+            arm_a = [o for o in outcomes if o.task_id not in b_ids]
+            report["experiment"] = {
+                "share": share,
+                "split_by": split,
+                "since": start,
+                "arms": [arm_kpis(live.version, arm_a), arm_kpis(salt, arm_b)],
+            }
+        shadow = slots.get("shadow")
+        if shadow is not None:
+            first = self.store.recorded_decisions(live.version)
+            other = self.store.recorded_decisions(shadow.policy.version)
+            report["shadow"] = shadow_report(
+                {r.task_id: r for r in first if r.slot == "live"},
+                {r.task_id: r for r in other if r.slot == "shadow"},
+            )
+        return report
 
     def forget(self) -> None:
         self._cached = None
