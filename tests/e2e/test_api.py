@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tactician.app import Tactician
 from tactician.domain import KindSpec, NewTask, TaskState
@@ -72,6 +73,10 @@ def test_health_and_the_schema(world: World) -> None:
     assert schema["openapi"].startswith("3.1")
     assert "/tasks/{task_id}/why" in schema["paths"]
     assert world.client.get("/docs").status_code == 200
+    scraped = world.client.get("/metrics")
+    assert scraped.headers["content-type"].startswith("text/plain")
+    names = {f.name for f in text_string_to_metric_families(scraped.text)}
+    assert {"tactician_tasks", "tactician_attempts", "tactician_approvals_pending"} <= names
 
 
 @pytest.mark.parametrize(

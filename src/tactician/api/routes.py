@@ -15,6 +15,7 @@ from tactician.errors import InvalidInput
 from tactician.govern.audit import verify
 from tactician.govern.roles import Actor, Operation, parse_role
 from tactician.ingest.intake import Format, Intake, parse_secrets
+from tactician.observe.metrics import CONTENT_TYPE, metrics_text
 from tactician.store.protocol import TaskFilter
 
 AppDep = Callable[[], Iterator[Tactician]]
@@ -131,6 +132,11 @@ def build(current_app: AppDep, actor_of: ActorDep) -> APIRouter:
     def healthz() -> Json:
         """The process is up."""
         return {"status": "ok"}
+
+    @router.get("/metrics", tags=["health"], include_in_schema=False)
+    def metrics(app: App) -> Response:
+        """Prometheus exposition, read from the database at each scrape."""
+        return Response(metrics_text(app.store), media_type=CONTENT_TYPE)
 
     @router.get("/readyz", tags=["health"], response_model=Json)
     def readyz(app: App) -> Json:

@@ -39,6 +39,7 @@ from tactician.store.governance import GovernanceMixin
 from tactician.store.protocol import (
     Finish,
     HeartbeatReply,
+    MetricsSnapshot,
     OutcomeRow,
     Planner,
     PlanReport,
@@ -73,6 +74,17 @@ _READY_COLUMNS = (
     "WHERE d.depends_on = tasks.id AND c.state = 'pending'), tags"
 )
 """The columns of a `ReadyRow`, in order (the first seven are a `Candidate`'s)."""
+INTERVENTIONS = (
+    "override.set",
+    "override.cleared",
+    "task.held",
+    "task.released",
+    "task.cancelled",
+    "task.retried",
+    "task.reprioritized",
+    "approval.voted",
+)
+"""Audit actions a human takes: the manual interventions the metrics count."""
 # States a dependency can end in without succeeding: its dependents die too.
 FAILED_UPSTREAM = "('dead', 'cancelled', 'rejected', 'expired')"
 
@@ -225,6 +237,55 @@ class SqlStore(GovernanceMixin, DeadLetterMixin):
                 )
             )
         return out
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        with self._read() as cur:
+            now = self._now(cur)
+            cur.execute("SELECT state, pool, count(*) FROM tasks GROUP BY state, pool")
+            tasks = {(state, pool): int(n) for state, pool, n in cur.fetchall()}
+            cur.execute(
+                "SELECT pool, min(release_at) FROM tasks WHERE state = 'ready' GROUP BY pool"
+            )
+            oldest = {pool: max(0.0, now - float(at)) for pool, at in cur.fetchall()}
+            cur.execute(
+                "SELECT t.kind, a.outcome, count(*), sum(CASE WHEN a.attempt > 1 THEN 1 "
+                "ELSE 0 END), sum(CASE WHEN a.outcome = 'succeeded' THEN a.finished_at - "
+                "a.started_at ELSE 0 END) FROM attempts a JOIN tasks t ON t.id = a.task_id "
+                "GROUP BY t.kind, a.outcome"
+            )
+            attempts: dict[tuple[str, str], int] = {}
+            run: dict[str, tuple[int, float]] = {}
+            retries = 0
+            for kind, outcome, n, again, seconds in cur.fetchall():
+                attempts[(kind, outcome)] = int(n)
+                retries += int(again or 0)
+                if outcome == "succeeded":
+                    run[kind] = (int(n), float(seconds or 0.0))
+            cur.execute("SELECT count(*), min(requested_at) FROM approvals WHERE state = 'pending'")
+            pending, asked = cur.fetchone()
+            cur.execute("SELECT count(*) FROM dead_letters")
+            letters = int(cur.fetchone()[0])
+            clause, params = self._in("action", list(INTERVENTIONS))
+            cur.execute(
+                f"SELECT action, count(*) FROM audit_log WHERE {clause} AND actor <> 'tactician' "
+                "AND actor NOT LIKE ? GROUP BY action",
+                [*params, "source:%"],
+            )
+            interventions = {action: int(n) for action, n in cur.fetchall()}
+            cur.execute("SELECT count(*) FROM audit_log WHERE action = 'access.refused'")
+            refused = int(cur.fetchone()[0])
+        return MetricsSnapshot(
+            tasks=tasks,
+            oldest_ready_age_s=oldest,
+            attempts=attempts,
+            retries=retries,
+            run_seconds=run,
+            approvals_pending=int(pending),
+            oldest_approval_age_s=0.0 if asked is None else max(0.0, now - float(asked)),
+            dead_letters=letters,
+            interventions=interventions,
+            refused=refused,
+        )
 
     def targets(self) -> list[TargetState]:
         with self._read() as cur:

@@ -96,6 +96,30 @@ class PlanReport:
 
 
 @dataclass(frozen=True)
+class MetricsSnapshot:
+    """What the metrics endpoint reads from the database at each scrape (so every process's
+    work is counted once, however many workers there are)."""
+
+    tasks: Mapping[tuple[str, str], int]
+    """(state, pool) → tasks now in that state (final states included: totals so far)."""
+    oldest_ready_age_s: Mapping[str, float]
+    """pool → seconds the oldest ready task has been startable."""
+    attempts: Mapping[tuple[str, str], int]
+    """(kind, outcome) → finished attempts so far."""
+    retries: int
+    """Attempts after the first, so far."""
+    run_seconds: Mapping[str, tuple[int, float]]
+    """kind → (succeeded attempts, their total run time)."""
+    approvals_pending: int
+    oldest_approval_age_s: float
+    dead_letters: int
+    interventions: Mapping[str, int]
+    """Audit action → count, for the actions a human takes (overrides, votes, holds...)."""
+    refused: int
+    """Mutations refused by role."""
+
+
+@dataclass(frozen=True)
 class PoolUsage:
     pool: Pool
     used: int
@@ -325,6 +349,8 @@ class Store(GovernanceStore, DeadLetterStore, Protocol):
     def list_tasks(self, query: TaskFilter) -> list[Task]: ...
 
     def counts(self) -> dict[str, int]: ...
+
+    def metrics_snapshot(self) -> MetricsSnapshot: ...
 
     def attempts(self, task_id: str) -> list[Attempt]: ...
 
