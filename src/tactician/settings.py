@@ -41,6 +41,10 @@ class Settings:
     webhook_secrets: str = ""
     """Signed webhook sources, `source=secret,other=secret2` (TACTICIAN_WEBHOOK_SECRETS): an event
     for such a source must carry a valid HMAC signature instead of a bearer token."""
+    log_format: str = "console"
+    """json (for log shippers) or console (for a terminal): TACTICIAN_LOG_FORMAT."""
+    log_level: str = "INFO"
+    """TACTICIAN_LOG_LEVEL."""
     token: str = ""
     """The bearer token the CLI acts with (TACTICIAN_TOKEN); empty: none."""
     models_dir: str = ".tactician/models"

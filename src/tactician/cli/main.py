@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -721,14 +720,15 @@ cli.command("simulate")(simulate_command)
 
 
 def _logging() -> None:
-    """One line per event, UTC timestamps, to stderr."""
-    logging.Formatter.converter = __import__("time").gmtime
-    logging.basicConfig(
-        level=os.environ.get("TACTICIAN_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s.%(msecs)03dZ %(levelname)s %(processName)s %(name)s %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-        stream=sys.stderr,
-    )
+    """Structured lines on stderr: TACTICIAN_LOG_FORMAT=json|console, TACTICIAN_LOG_LEVEL."""
+    from tactician.observe.logs import Format, configure_logging
+    from tactician.run.context import add_task
+
+    settings = Settings.from_env()
+    if settings.log_format not in ("json", "console"):
+        raise InvalidInput("TACTICIAN_LOG_FORMAT must be json or console")
+    fmt: Format = "json" if settings.log_format == "json" else "console"
+    configure_logging(settings.log_level, fmt, [add_task])
 
 
 def main() -> None:

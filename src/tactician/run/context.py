@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -27,3 +29,13 @@ def current_task() -> TaskContext:
 
 def set_current(context: TaskContext | None) -> None:
     _current.set(context)
+
+
+def add_task(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A log processor: the running task's id, kind and attempt on every line logged in it."""
+    context = _current.get()
+    if context is not None:
+        event.setdefault("task_id", context.task_id)
+        event.setdefault("kind", context.kind)
+        event.setdefault("attempt", context.attempt)
+    return event
