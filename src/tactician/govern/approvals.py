@@ -195,6 +195,11 @@ def apply_edits(
     return new_payload, weight, due_at
 
 
+def next_due(rule: RuleSpec, notified: int) -> float:
+    """Seconds after the request when the next step not yet notified, or the expiry, is due."""
+    return min([s.after for s in rule.escalation[notified:]] + [rule.expires_after])
+
+
 def due_steps(rule: RuleSpec, requested_at: float, notified: int, now: float) -> list[int]:
     """Escalation steps (indexes) that are due now and were not notified yet."""
     return [

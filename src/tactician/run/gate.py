@@ -289,7 +289,7 @@ class Gate:
         now = self.clock.now() if now is None else now
         done = self.store.expire_overrides(now)
         channels = self.policy().bundle.channels
-        for approval in self.store.approvals("pending"):
+        for approval in self.store.due_approvals(now):
             if approval.expires_at <= now:
                 if self.store.expire_approval(approval.task_id, now) is not None:
                     done += 1

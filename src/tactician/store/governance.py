@@ -19,6 +19,7 @@ from tactician.govern.approvals import (
     Vote,
     apply_edits,
     check_vote,
+    next_due,
     tally,
 )
 from tactician.govern.audit import GENESIS, AuditRecord, Entry, canonical_json, chain
@@ -303,7 +304,8 @@ class GovernanceMixin:
     ) -> list[Entry]:
         cur.executemany(
             "INSERT INTO approvals (task_id, rule, policy_version, requested_by, requested_at, "
-            "expires_at, state) VALUES (?, ?, ?, ?, ?, ?, 'pending') ON CONFLICT DO NOTHING",
+            "expires_at, next_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending') "
+            "ON CONFLICT DO NOTHING",
             [
                 (
                     task_id,
@@ -312,6 +314,7 @@ class GovernanceMixin:
                     a.requested_by,
                     now,
                     now + a.rule.expires_after,
+                    now + next_due(a.rule, 0),
                 )
                 for task_id, a in opened.items()
             ],
@@ -481,13 +484,25 @@ class GovernanceMixin:
         self._after_submit(cur)
         return entries
 
+    def due_approvals(self, now: float, limit: int = 1000) -> list[ApprovalRow]:
+        """Pending approvals whose next escalation step or expiry has come."""
+        with self._read() as cur:
+            cur.execute(
+                f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE state = 'pending' "
+                f"AND next_at <= ? ORDER BY next_at LIMIT {int(limit)}",
+                (now,),
+            )
+            return [self._approval(cur, row) for row in cur.fetchall()]
+
     def escalate_approval(self, task_id: str, steps: Sequence[int], now: float) -> None:
         """Mark escalation steps as notified (the caller submits the notifications)."""
         with self._tx() as cur:
+            current = self._load_approval(cur, task_id)
+            done = max(steps) + 1
             cur.execute(
-                "UPDATE approvals SET escalated = ? WHERE task_id = ? AND state = 'pending' "
-                "AND escalated < ?",
-                (max(steps) + 1, task_id, max(steps) + 1),
+                "UPDATE approvals SET escalated = ?, next_at = ? WHERE task_id = ? "
+                "AND state = 'pending' AND escalated < ?",
+                (done, current.requested_at + next_due(current.rule, done), task_id, done),
             )
             if cur.rowcount == 1:
                 detail = {"steps": list(steps)}

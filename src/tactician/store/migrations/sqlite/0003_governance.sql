@@ -59,12 +59,13 @@ CREATE TABLE approvals (
     requested_at REAL NOT NULL,
     expires_at REAL NOT NULL,
     escalated INTEGER NOT NULL DEFAULT 0,   -- escalation steps already notified
+    next_at REAL NOT NULL,            -- when the next step or the expiry is due
     state TEXT NOT NULL,             -- pending | approved | rejected
     resolved_at REAL,
     resolved_by TEXT,
     reason TEXT
 );
-CREATE INDEX approvals_pending ON approvals (expires_at) WHERE state = 'pending';
+CREATE INDEX approvals_pending ON approvals (next_at) WHERE state = 'pending';
 
 CREATE TABLE approval_votes (
     task_id TEXT NOT NULL,
