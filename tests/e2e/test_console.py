@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,10 @@ from typing import Any
 import pytest
 
 from tactician.app import Tactician
-from tactician.domain import KindSpec, NewTask, TaskState
+from tactician.domain import KindSpec, NewTask, Result, TaskState
 from tactician.govern.roles import Actor, Role
 from tactician.settings import Settings
+from tactician.store.protocol import Finish
 from tests.e2e.serving import serving
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -298,6 +300,71 @@ def test_overrides_pools_and_policies(page: Any, world: World) -> None:
     expect(page.locator("#slots")).to_contain_text("console-test")
     expect(page.locator("#deployments tbody tr")).to_have_count(1)
     page.screenshot(path=str(ARTIFACTS / "policies.png"))
+
+
+# --- KPIs over time ------------------------------------------------------------------------------
+
+
+def run_all(world: World) -> None:
+    """Plan and run every waiting job, two at a time (the pool's capacity), as a worker would."""
+    store, planner = world.app.store, world.app.planner()
+    for _ in range(20):
+        planner.tick()
+        claims = store.claim("w", ["job"], 2)
+        if not claims:
+            return
+        finishes = [
+            Finish(Result(c.task_id, c.token, True, store.db_now(), 0.01), c.kind, c.attempt, None)
+            for c in claims
+        ]
+        assert all(store.finish("w", finishes, store.kinds()))
+
+
+def test_kpi_charts_show_adherence_misses_depth_and_interventions(page: Any, world: World) -> None:
+    from playwright.sync_api import expect
+
+    now = world.app.store.db_now()
+    for n in range(4):
+        world.submit("job", payload={"n": n}, due_at=now + 3600)
+    late = [world.submit("job", payload={"late": n}, due_at=now + 0.5) for n in range(2)]
+    time.sleep(0.6)  # their deadlines pass before they run
+    run_all(world)
+    assert {world.app.get(t).state for t in late} == {TaskState.SUCCEEDED}
+    held = world.submit("job", payload={"held": True})
+    world.app.store.hold(held, world.actor(Role.OPERATOR), "waiting for the vendor")
+    fix = world.submit("fix", payload={"host": "k"})
+    world.app.gate.vote(world.actor(Role.APPROVER), fix, "approve", "fine")
+
+    sign_in(page, world, Role.VIEWER)
+    page.click("nav >> text=KPIs")
+    expect(page).to_have_url(f"{world.base}/console/kpis")
+    titles = {
+        "sla": "SLA adherence",
+        "missed": "Missed deadlines",
+        "depth": "Queue depth",
+        "interventions": "Manual interventions",
+    }
+    for key, title in titles.items():
+        svg = page.locator(f"#kpi-{key} svg.chart")
+        expect(svg).to_be_visible()
+        expect(svg).to_have_attribute("role", "img")
+        expect(page.locator(f"#kpi-{key}-title")).to_have_text(title)
+        box = svg.bounding_box()
+        assert box is not None and box["width"] > 300 and box["height"] > 80
+    # 4 of the 6 finished on time; 2 missed; 1 hold and 1 vote; the held job waits.
+    expect(page.locator("#kpi-sla .headline")).to_have_text("now 67%")
+    expect(page.locator("#kpi-sla circle title").last).to_contain_text("4 of 6 on time")
+    expect(page.locator("#kpi-missed .headline")).to_have_text("2 in all")
+    expect(page.locator("#kpi-interventions .headline")).to_have_text("2 in all")
+    expect(page.locator("#kpi-interventions rect title").last).to_contain_text("task.held 1")
+    expect(page.locator("#kpi-depth .headline")).to_have_text("now 2")  # the held job, the fix
+    assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT["width"]
+    page.screenshot(path=str(ARTIFACTS / "kpis.png"), full_page=True)
+
+    page.click("text=last 15m")
+    expect(page).to_have_url(f"{world.base}/console/kpis?window=15m")
+    expect(page.locator("svg.chart")).to_have_count(4)
+    expect(page.locator("#live-status")).to_contain_text("updated", timeout=15_000)
 
 
 # --- audit, CSRF, sessions -----------------------------------------------------------------------

@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from tactician.api.kpis import kpi_page
 from tactician.app import Tactician
 from tactician.clock import SYSTEM_CLOCK, Clock
 from tactician.domain import Task, TaskState
@@ -461,6 +462,18 @@ def build(current_app: AppDep, sessions: Sessions) -> APIRouter:
 
         page.attempt(f"task {task_id}: released", change)
         return back(_same_site_path(next, "/console/overrides"))
+
+    # --- KPIs over time ---------------------------------------------------------------------
+
+    @router.get("/kpis", response_class=HTMLResponse)
+    def kpis(page: Viewer, window: str = "1h") -> HTMLResponse:
+        store = page.app.store
+        return render(page, "kpis.html", **kpi_page(store, window, store.db_now()))
+
+    @router.get("/kpis/live", response_class=HTMLResponse)
+    def kpis_live(page: Viewer, window: str = "1h") -> HTMLResponse:
+        store = page.app.store
+        return render(page, "_kpis.html", **kpi_page(store, window, store.db_now()))
 
     # --- pools, policies, audit --------------------------------------------------------------
 

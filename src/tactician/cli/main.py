@@ -208,13 +208,16 @@ def planner(app: AppOption = None, db: DbOption = None) -> None:
 @cli.command()
 def demo(
     db: DbOption = None,
-    seconds: Annotated[float, typer.Option(min=1, help="How long to run.")] = 60.0,
+    duration: Annotated[
+        float | None, typer.Option(min=1, help="Stop after this many seconds (default: Ctrl-C).")
+    ] = None,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 2,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="The console's port.")] = 8700,
 ) -> None:
-    """A local server with a sample workload streaming in, and a live view of it."""
+    """The console on a delivery operation streaming in (default database .demo/tactician.db)."""
     from tactician.cli.demo import run_demo
 
-    run_demo(db, seconds, workers)
+    run_demo(db, duration, workers, port)
 
 
 # --- submitting and inspecting ------------------------------------------------------------------
