@@ -20,9 +20,11 @@ import pytest
 from tactician.app import Tactician
 from tactician.domain import KindSpec, NewTask, Result, TaskState
 from tactician.govern.roles import Actor, Role
+from tactician.run.gate import POLICY_TTL_S
 from tactician.settings import Settings
 from tactician.store.protocol import Finish
 from tests.e2e.serving import serving
+from tests.integration.driving import final, run_until
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parents[2] / "test-results"
@@ -37,6 +39,10 @@ approvals:
     required: 1
     expires_after: 1h
 """
+
+
+def fix_host(host: str) -> None:
+    """The approved remediation (module level: it runs in a forked runner)."""
 
 
 def _unavailable(reason: str) -> None:
@@ -209,6 +215,12 @@ def test_approve_one_task_and_reject_another_with_a_reason(page: Any, world: Wor
     page.goto(f"{world.base}/console/tasks/{good}")
     expect(page.locator(".head .badge")).to_have_text("leased")
     expect(page.locator("#timeline")).to_contain_text("approval.approved")
+    # ... and a real worker runs it to the end, which its page shows too.
+    world.app.task(fix_host, name="fix", pool="p")
+    assert run_until(world.app, final(world.app, good), timeout=30)
+    page.goto(f"{world.base}/console/tasks/{good}")
+    expect(page.locator(".head .badge")).to_have_text("succeeded")
+    expect(page.locator("#timeline")).to_contain_text("task.finished")
 
     page.goto(f"{world.base}/console/approvals")
     row = page.locator(f"#inbox tr[data-task='{bad}']")
@@ -299,7 +311,15 @@ def test_overrides_pools_and_policies(page: Any, world: World) -> None:
     page.click("nav >> text=Policies")
     expect(page.locator("#slots")).to_contain_text("console-test")
     expect(page.locator("#deployments tbody tr")).to_have_count(1)
-    page.screenshot(path=str(ARTIFACTS / "policies.png"))
+    world.app.gate.deploy(
+        ROOT, "name: trial\n", "trial.yaml", slot="experiment", share=0.3, split_by="task"
+    )
+    world.app.gate.deploy(ROOT, "name: shade\n", "shade.yaml", slot="shadow")
+    time.sleep(POLICY_TTL_S)  # the server rereads deployments at most once a second
+    page.reload()
+    expect(page.locator("#experiment tbody tr")).to_have_count(2)
+    expect(page.locator("#shadow")).to_contain_text("never acted on")
+    page.screenshot(path=str(ARTIFACTS / "policies.png"), full_page=True)
 
 
 # --- KPIs over time ------------------------------------------------------------------------------

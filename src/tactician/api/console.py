@@ -493,6 +493,7 @@ def build(current_app: AppDep, sessions: Sessions) -> APIRouter:
             page,
             "policies.html",
             slots=app.gate.slots(),
+            comparison=app.gate.compare(),
             deployments=app.store.deployments(limit=50),
             models=models,
         )

@@ -104,11 +104,12 @@ class ShadowReport:
 
 
 def shadow_report(
-    live: Mapping[str, DecisionRow], shadow: Mapping[str, DecisionRow]
+    live: Mapping[str, DecisionRow],
+    shadow: Mapping[str, DecisionRow],
+    live_version: str,
+    shadow_version: str,
 ) -> ShadowReport:
     common = sorted(set(live) & set(shadow))
-    first = next(iter(live.values()), None)
-    other = next(iter(shadow.values()), None)
     same = sum(live[t].action == shadow[t].action for t in common)
     correlation = math.nan
     if len(common) >= 3:
@@ -117,8 +118,8 @@ def shadow_report(
         if a.std() > 0 and b.std() > 0:
             correlation = float(np.corrcoef(a, b)[0, 1])
     return ShadowReport(
-        first.version if first else "-",
-        other.version if other else "-",
+        live_version,
+        shadow_version,
         len(common),
         same / len(common) if common else math.nan,
         correlation,

@@ -194,6 +194,8 @@ class Gate:
             report["shadow"] = shadow_report(
                 {r.task_id: r for r in first if r.slot == "live"},
                 {r.task_id: r for r in other if r.slot == "shadow"},
+                live.version,
+                shadow.policy.version,
             )
         return report
 
