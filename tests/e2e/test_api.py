@@ -446,3 +446,14 @@ def test_policy_compare_reports_both_arms_and_the_shadow(world: World) -> None:
     assert len(arms) == 2 and report["experiment"]["split_by"] == "tenant"
     assert arms[0]["tasks"] == 0 and arms[0]["missed_rate"]["value"] is None  # nothing ran yet
     assert report["shadow"]["tasks"] == 0
+
+
+def test_model_promotion_is_checked_and_audited(world: World) -> None:
+    refused_by_role = world.client.post(
+        "/models/abcdef/promote", json={}, headers=world.as_(Role.OPERATOR)
+    )
+    assert "may not model.promote" in error(refused_by_role, 403, "forbidden")
+    unknown = world.client.post("/models/abcdef/promote", json={}, headers=world.as_(Role.ADMIN))
+    assert unknown.status_code in (400, 404) and "abcdef" in unknown.json()["message"]
+    nothing = world.client.post("/models/rollback", headers=world.as_(Role.ADMIN))
+    assert nothing.status_code in (400, 409) and nothing.json()["code"]

@@ -439,6 +439,26 @@ def build(current_app: AppDep, actor_of: ActorDep) -> APIRouter:
 
     # --- models, audit, tokens -----------------------------------------------------------------
 
+    class PromoteIn(_In):
+        force: bool = False
+
+    @router.post("/models/{version}/promote", tags=["models"], response_model=Json)
+    def promote_model(app: App, actor: Who, version: str, body: PromoteIn) -> Json:
+        """Make a saved model set the active one (audited)."""
+        from tactician.store.registry import ModelRegistry
+
+        registry = ModelRegistry(app.settings.models_dir)
+        event = app.gate.promote_model(actor, registry, version, force=body.force)
+        return {"version": event.version, "previous": event.previous}
+
+    @router.post("/models/rollback", tags=["models"], response_model=Json)
+    def rollback_model(app: App, actor: Who) -> Json:
+        """Make the previously active model set active again (audited)."""
+        from tactician.store.registry import ModelRegistry
+
+        event = app.gate.rollback_model(actor, ModelRegistry(app.settings.models_dir))
+        return {"version": event.version, "previous": event.previous}
+
     @router.get("/models", tags=["models"], response_model=list[Json])
     def models(app: App, _: Who) -> list[Json]:
         from tactician.store.registry import ModelRegistry

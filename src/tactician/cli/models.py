@@ -20,8 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tactician.errors import InvalidInput
-from tactician.govern.audit import Entry
-from tactician.govern.roles import Actor, Operation
+from tactician.govern.roles import Actor
 from tactician.settings import Settings
 
 if TYPE_CHECKING:
@@ -313,9 +312,8 @@ def models_promote(
     as_json: JsonOption = False,
 ) -> None:
     """Make a saved model set the active one (audited in the database's chain)."""
-    app, actor = _authorized(db, token, version)
-    event = _registry(models_dir).promote(version, force=force)
-    app.store.audit(_model_entry(actor, "model.promoted", event.version, event.previous))
+    app = _gated(db)
+    event = app.gate.promote_model(acting(app, token), _registry(models_dir), version, force=force)
     if as_json:
         _print_json(event.to_json())
     elif event.previous == event.version:
@@ -332,27 +330,24 @@ def models_rollback(
     as_json: JsonOption = False,
 ) -> None:
     """Make the previously active model set active again (audited)."""
-    app, actor = _authorized(db, token, "rollback")
-    event = _registry(models_dir).rollback()
-    app.store.audit(_model_entry(actor, "model.rolled_back", event.version, event.previous))
+    app = _gated(db)
+    event = app.gate.rollback_model(acting(app, token), _registry(models_dir))
     if as_json:
         _print_json(event.to_json())
     else:
         out.print(f"{event.version} is active again (rolled back from {event.previous})")
 
 
-def _authorized(db: str | None, token: str | None, subject: str) -> tuple[Tactician, Actor]:
-    from tactician.cli.govern import authorized, open_app
+def _gated(db: str | None) -> Tactician:
+    from tactician.cli.govern import open_app
 
-    app = open_app(db)
-    return app, authorized(app, token, Operation.PROMOTE_MODEL, subject)
+    return open_app(db)
 
 
-def _model_entry(actor: Actor, action: str, version: str | None, previous: str | None) -> Entry:
-    detail: dict[str, Any] = {"previous": previous}
-    if actor.bootstrap:
-        detail["bootstrap"] = True
-    return Entry(actor.name, action, version or "-", detail)
+def acting(app: Tactician, token: str | None) -> Actor:
+    from tactician.cli.govern import acting as who
+
+    return who(app, token)
 
 
 # --- bench decide ------------------------------------------------------------------------------

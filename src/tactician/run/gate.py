@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from tactician.clock import SYSTEM_CLOCK, Clock
 from tactician.decide.learned import Objective
@@ -97,6 +97,28 @@ def rule_spec(rule: Any) -> RuleSpec:
         editable=tuple(rule.editable or ()),
         offline=rule.offline,
     )
+
+
+class Promoted(Protocol):
+    @property
+    def version(self) -> str | None: ...
+
+    @property
+    def previous(self) -> str | None: ...
+
+
+P = TypeVar("P", bound=Promoted, covariant=True)
+
+
+class Registry(Protocol[P]):
+    """The model registry as the gate uses it (`tactician.store.registry.ModelRegistry`)."""
+
+    def promote(self, version: str, *, force: bool = False) -> P: ...
+
+    def rollback(self) -> P: ...
+
+
+T = TypeVar("T", bound=Promoted)
 
 
 @dataclass
@@ -333,6 +355,25 @@ class Gate:
             )
         if tasks:
             self.store.submit(tasks, {NOTIFY_KIND: notify_kind()}, actor=SYSTEM)
+
+    # --- models --------------------------------------------------------------------------
+
+    def promote_model(
+        self, actor: Actor, registry: Registry[T], version: str, *, force: bool = False
+    ) -> T:
+        """Make a saved model set the active one; audited."""
+        self.authorize(actor, Operation.PROMOTE_MODEL, version)
+        event = registry.promote(version, force=force)
+        self.record(actor, "model.promoted", event.version or "-", {"previous": event.previous})
+        return event
+
+    def rollback_model(self, actor: Actor, registry: Registry[T]) -> T:
+        """Make the previously active model set active again; audited."""
+        self.authorize(actor, Operation.PROMOTE_MODEL, "rollback")
+        event = registry.rollback()
+        detail = {"previous": event.previous}
+        self.record(actor, "model.rolled_back", event.version or "-", detail)
+        return event
 
     # --- tokens --------------------------------------------------------------------------
 
