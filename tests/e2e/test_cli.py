@@ -139,13 +139,16 @@ def test_bench_throughput_prints_one_verified_json_object(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_demo_runs_and_reports(tmp_path: Path) -> None:
+    """`make demo` from a fresh folder: its own database under .demo/, the console's URL."""
+    from tests.e2e.serving import free_port
+
     result = subprocess.run(
-        [TACTICIAN, "demo", "--seconds", "4"],
+        [TACTICIAN, "demo", "--duration", "8", "--port", str(free_port())],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "submitted" in result.stdout and "succeeded" in result.stdout
+    assert "Console: http://127.0.0.1:" in result.stdout and "succeeded" in result.stdout
     assert (tmp_path / ".demo" / "tactician.db").exists()
