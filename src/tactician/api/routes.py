@@ -86,6 +86,19 @@ class PolicyIn(_In):
     reason: str | None = Field(default=None, max_length=2000)
 
 
+class ScheduleIn(_In):
+    kind: str = Field(min_length=1, max_length=200)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    cron: str | None = Field(default=None, max_length=200)
+    every: str | None = Field(default=None, max_length=50)
+    """An interval such as "30s", "5m", "1h30m"."""
+    timezone: str = Field(default="UTC", max_length=100)
+    jitter: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    overlap: Literal["skip", "buffer_one", "allow_all", "cancel_running"] = "skip"
+    catchup_window: float = Field(default=60.0, ge=0, allow_inf_nan=False)
+    paused: bool = False
+
+
 class TokenIn(_In):
     name: str = Field(min_length=1, max_length=100)
     role: Literal["viewer", "operator", "approver", "admin"]
@@ -303,6 +316,56 @@ def build(current_app: AppDep, actor_of: ActorDep) -> APIRouter:
     def release(app: App, actor: Who, task_id: str, body: HoldIn) -> Json:
         allowed(app, actor, Operation.OVERRIDE, task_id)
         return task_json(app.store.release(task_id, actor, body.reason))
+
+    # --- schedules ---------------------------------------------------------------------------
+
+    @router.get("/schedules", tags=["schedules"], response_model=list[Json])
+    def schedules(app: App, _: Who) -> list[Json]:
+        return [
+            {**row.spec, "paused": row.paused, "last_tick": row.last_tick}
+            for row in app.store.schedules()
+        ]
+
+    @router.put("/schedules/{name}", tags=["schedules"], response_model=Json)
+    def save_schedule(app: App, actor: Who, name: str, body: ScheduleIn) -> Json:
+        """Create or replace a schedule: a cron expression or an interval."""
+        from tactician.plan.schedules import ScheduleSpec, parse_every
+        from tactician.run.schedules import ScheduleService
+
+        allowed(app, actor, Operation.SCHEDULE, name)
+        spec = ScheduleSpec(
+            name=name,
+            kind=body.kind,
+            payload=body.payload,
+            cron=body.cron,
+            every=parse_every(body.every) if body.every else None,
+            timezone=body.timezone,
+            jitter=body.jitter,
+            overlap=body.overlap,
+            catchup_window=body.catchup_window,
+            paused=body.paused,
+        )
+        ScheduleService(app.store, app).save(spec)
+        app.gate.record(actor, "schedule.saved", name, {"kind": body.kind, "cron": body.cron})
+        return {"name": name, "saved": True}
+
+    @router.post("/schedules/{name}/{change}", tags=["schedules"], response_model=Json)
+    def change_schedule(
+        app: App, actor: Who, name: str, change: Literal["pause", "resume"]
+    ) -> Json:
+        allowed(app, actor, Operation.SCHEDULE, name)
+        app.store.set_schedule_paused(name, change == "pause")
+        app.gate.record(actor, f"schedule.{change}d", name)
+        return {"name": name, "paused": change == "pause"}
+
+    @router.delete(
+        "/schedules/{name}", tags=["schedules"], status_code=204, response_class=Response
+    )
+    def delete_schedule(app: App, actor: Who, name: str) -> Response:
+        allowed(app, actor, Operation.SCHEDULE, name)
+        app.store.delete_schedule(name)
+        app.gate.record(actor, "schedule.deleted", name)
+        return Response(status_code=204)
 
     # --- pools -------------------------------------------------------------------------------
 
