@@ -19,7 +19,9 @@ from tactician.decide.service import DecidePolicy, MergeRule, decide, pending_re
 from tactician.domain import ExecutorKind, KindSpec, NewTask, RateLimit, RetryPolicy, Task
 from tactician.errors import InvalidInput, TacticianError, UnknownKind
 from tactician.govern.roles import SYSTEM, Actor, Operation
+from tactician.observe import traces
 from tactician.run.advisor import AdvisorConfig, BackgroundAdvisor, LLMAdvisor
+from tactician.run.drift import DriftWatch
 from tactician.run.escalation import Escalator
 from tactician.run.executors import Handler
 from tactician.run.gate import Gate, GateHook
@@ -212,14 +214,17 @@ class Tactician:
         """Commit all tasks in one transaction, or none of them. Tasks that an approval rule
         of the live policy matches wait for approval. With an `actor` (CLI, API), the actor's
         role is checked first; without one, the caller is this process (trusted code)."""
-        if actor is not None:
-            self.gate.authorize(actor, Operation.SUBMIT, tasks[0].kind if tasks else "-")
-        kinds = self.kinds if all(t.kind in self.kinds for t in tasks) else self.known_kinds()
-        unknown = sorted({t.kind for t in tasks} - set(kinds))
-        if unknown:
-            raise UnknownKind(f"unknown kind {unknown[0]!r}")
-        who = actor or SYSTEM
-        approvals = self.gate.approvals_for(tasks, who)
+        if traces.enabled():
+            tasks = traces.continued(tasks)
+        with traces.span("gate", {"tactician.tasks": len(tasks)}):
+            if actor is not None:
+                self.gate.authorize(actor, Operation.SUBMIT, tasks[0].kind if tasks else "-")
+            kinds = self.kinds if all(t.kind in self.kinds for t in tasks) else self.known_kinds()
+            unknown = sorted({t.kind for t in tasks} - set(kinds))
+            if unknown:
+                raise UnknownKind(f"unknown kind {unknown[0]!r}")
+            who = actor or SYSTEM
+            approvals = self.gate.approvals_for(tasks, who)
         return self.store.submit(tasks, kinds, actor=who, approvals=approvals)
 
     def get(self, task_id: str) -> Task:
@@ -238,6 +243,7 @@ class Tactician:
 
     def worker(self, options: WorkerOptions | None = None) -> Worker:
         """A worker for this app's kinds and the engine's own notifications."""
+        traces.configure(self.settings)
         return Worker(
             self.store,
             self.kinds,
@@ -250,6 +256,7 @@ class Tactician:
         from tactician.run.schedules import ScheduleService
 
         self.store  # noqa: B018 (registers kinds and pools before the first tick)
+        traces.configure(self.settings)
         ranker = self.ranker()
         hooks: list[Callable[[float], int]] = [
             ScheduleService(self.store, self).fire_due,
@@ -257,7 +264,7 @@ class Tactician:
         ]
         gate_hook = GateHook(self.gate, ranker)
         gate_hook.follow(self.gate.policy())  # the live bundle from the first pass on
-        hooks.append(gate_hook)
+        hooks += [gate_hook, DriftWatch(self.gate, ranker)]
         escalator = self.escalator(ranker)
         if escalator is not None:
             hooks.append(escalator)
@@ -298,6 +305,10 @@ class Tactician:
         policy = self.gate.policy()
         ranker = self.ranker()
         GateHook(self.gate, ranker).follow(policy)
+        fallback = self.store.fallback()
+        if fallback is not None:
+            spec = policy.bundle.drift
+            ranker.use_fallback(fallback.signal, make_scorer(spec.scorer, None))
         waiting = self.store.waiting(self.settings.plan_batch)
         usage = self.store.pools()
         view = CapacityView(
@@ -331,11 +342,17 @@ class Tactician:
     def run_worker(self, options: WorkerOptions | None = None) -> None:
         """Run a worker in this process until SIGTERM or SIGINT."""
         stop = _stop_on_signals()
-        self.worker(options).run(stop.is_set)
+        try:
+            self.worker(options).run(stop.is_set)
+        finally:
+            traces.flush()  # a forked worker ends without atexit handlers
 
     def run_planner(self) -> None:
         stop = _stop_on_signals()
-        self.planner().run(stop.is_set)
+        try:
+            self.planner().run(stop.is_set)
+        finally:
+            traces.flush()
 
     def serve(self, workers: int = 2, options: WorkerOptions | None = None) -> None:
         """A planner in this process and `workers` worker processes, until SIGTERM/SIGINT."""

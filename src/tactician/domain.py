@@ -175,6 +175,8 @@ class NewTask:
     tags: tuple[str, ...] = ()
     resources: Mapping[str, int] | None = None
     schedule: str | None = None
+    trace_context: str | None = None
+    """The W3C traceparent the task's run continues (its ingest span's, or the incoming one)."""
 
     def __post_init__(self) -> None:
         if self.estimate is not None and (self.estimate < 0 or math.isnan(self.estimate)):
@@ -223,6 +225,7 @@ class Task:
     last_traceback: str | None = None
     cancel_requested: bool = False
     finished_at: float | None = None
+    trace_context: str | None = None
 
     def evolve(self, **changes: Any) -> Task:
         return dataclasses.replace(self, **changes)
@@ -239,6 +242,8 @@ class Claim(NamedTuple):
     payload: str
     token: int
     attempt: int
+    trace_context: str | None = None
+    """The traceparent the run span continues (None: a trace of its own, when traced)."""
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -45,10 +46,23 @@ class Settings:
     """json (for log shippers) or console (for a terminal): TACTICIAN_LOG_FORMAT."""
     log_level: str = "INFO"
     """TACTICIAN_LOG_LEVEL."""
+    traces: str = "off"
+    """OpenTelemetry traces: off, console (spans on stdout) or otlp (to a collector), through
+    TACTICIAN_TRACES. Off costs nothing; an incoming traceparent is stored with its tasks
+    either way."""
+    otlp_endpoint: str = ""
+    """The collector's OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces
+    (TACTICIAN_OTLP_ENDPOINT); empty: the OpenTelemetry default (its OTEL_EXPORTER_OTLP_*
+    variables, else http://localhost:4318/v1/traces)."""
     token: str = ""
     """The bearer token the CLI acts with (TACTICIAN_TOKEN); empty: none."""
     models_dir: str = ".tactician/models"
     """Where the model registry keeps versioned model sets (TACTICIAN_MODELS_DIR)."""
+    metrics: bool = True
+    """Count what only the planner's and workers' memory sees (decision latency, confidence,
+    LLM use, rate-limit waits, dispatch latency...) for /metrics (TACTICIAN_METRICS). Off, each
+    recording is one boolean test and nothing is flushed; /metrics still serves what the
+    database holds."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -75,3 +89,8 @@ def _convert(name: str, raw: str, kind: type) -> Any:
         raise InvalidInput(
             f"TACTICIAN_{name.upper()}={raw!r} is not a valid {kind.__name__}"
         ) from None
+
+
+def redact_url(url: str) -> str:
+    """A database or bus URL without its password, for logs and messages."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)

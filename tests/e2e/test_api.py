@@ -259,6 +259,7 @@ def prepared(world: World) -> dict[str, str]:
     world.app.store.set_override(ids[0], "run_now", None, ops, "urgent")
     (fix,) = world.app.submit_many([NewTask("fix")], actor=ops)
     world.app.gate.create_token(ROOT, "victim", Role.VIEWER)
+    world.app.store.engage_fallback("miss_rate", "set-up", "api-next", {})
     return {"waiting": ids[0], "cancelled": ids[1], "held": ids[2], "fix": fix}
 
 
@@ -314,6 +315,11 @@ MUTATIONS: list[
         lambda c, t, h: c.post(f"/approvals/{t['fix']}/reject", json={"reason": "r"}, headers=h),
     ),
     (
+        Operation.CLEAR_DRIFT,
+        "drift",
+        lambda c, t, h: c.post("/drift/clear", json={"reason": "r"}, headers=h),
+    ),
+    (
         Operation.SET_POOL,
         "pool",
         lambda c, t, h: c.put("/pools/p", json={"capacity": 9}, headers=h),
@@ -354,6 +360,7 @@ def state(world: World) -> dict[str, Any]:
         "overrides": store.overrides(),
         "pools": store.pools(),
         "schedules": store.schedules(),
+        "fallback": store.fallback(),
     }
 
 
@@ -482,3 +489,22 @@ def test_schedules_through_the_api(world: World) -> None:
     ok(world.client.delete("/schedules/every5", headers=op), 204)
     assert ok(world.client.get("/schedules", headers=viewer)) == []
     error(world.client.delete("/schedules/every5", headers=op), 404, "notfound")
+
+
+def test_drift_status_and_clearing(world: World) -> None:
+    client, viewer, ops = world.client, world.as_(Role.VIEWER), world.as_(Role.OPERATOR)
+    shown = client.get("/drift", headers=viewer).json()
+    assert shown == {"fallback": None, "records": []}
+    refused = client.post("/drift/clear", json={"reason": "ok"}, headers=ops)
+    message = error(refused, 409, "conflict")
+    assert message == "no drift fallback is engaged: nothing to clear"
+    world.app.store.engage_fallback("miss_rate", "miss rate rose", "v1", {"detector": "ADWIN"})
+    shown = client.get("/drift", headers=viewer).json()
+    assert shown["fallback"]["signal"] == "miss_rate"
+    assert [r["action"] for r in shown["records"]] == ["drift.fallback"]
+    assert client.post("/drift/clear", json={"reason": ""}, headers=ops).status_code == 422
+    assert world.app.store.fallback() is not None  # a bad request changed nothing
+    cleared = client.post("/drift/clear", json={"reason": "disks replaced"}, headers=ops)
+    assert cleared.status_code == 200 and cleared.json()["signal"] == "miss_rate"
+    records = client.get("/drift", headers=viewer).json()["records"]
+    assert [(r["action"], r["actor"]) for r in records][-1] == ("drift.cleared", "t-operator")

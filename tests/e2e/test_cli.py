@@ -152,3 +152,33 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "Console: http://127.0.0.1:" in result.stdout and "succeeded" in result.stdout
     assert (tmp_path / ".demo" / "tactician.db").exists()
+
+
+def test_drift_status_and_clear(workdir: Path, sqlite_url: str) -> None:
+    from tactician.app import Tactician
+    from tactician.settings import Settings
+
+    status = run("drift", "status", cwd=workdir, db=sqlite_url)
+    assert status.returncode == 0, status.stderr
+    assert "not engaged" in status.stdout and "no drift records" in status.stdout
+    nothing = run("drift", "clear", "--reason", "fine", cwd=workdir, db=sqlite_url)
+    assert nothing.returncode == 2
+    assert nothing.stderr == "error: no drift fallback is engaged: nothing to clear\n"
+
+    app = Tactician(settings=Settings(db=sqlite_url))
+    app.store.engage_fallback("miss_rate", "miss rate rose: 3% → 9%", "v1", {"detector": "ADWIN"})
+    app.close()
+    status = run("drift", "status", "--json", cwd=workdir, db=sqlite_url)
+    shown = json.loads(status.stdout)
+    assert shown["fallback"]["signal"] == "miss_rate"
+    assert [r["action"] for r in shown["records"]] == ["drift.fallback"]
+    assert "ENGAGED" in run("drift", "status", cwd=workdir, db=sqlite_url).stdout
+    no_reason = run("drift", "clear", "--reason", " ", cwd=workdir, db=sqlite_url)
+    assert no_reason.returncode == 2 and "needs a reason" in no_reason.stderr
+    cleared = run("drift", "clear", "--reason", "fixed the disks", cwd=workdir, db=sqlite_url)
+    assert cleared.returncode == 0, cleared.stderr
+    assert "cleared" in cleared.stdout
+    shown = json.loads(run("drift", "status", "--json", cwd=workdir, db=sqlite_url).stdout)
+    assert shown["fallback"] is None
+    assert [r["action"] for r in shown["records"]] == ["drift.fallback", "drift.cleared"]
+    assert shown["records"][-1]["detail"]["reason"] == "fixed the disks"

@@ -449,3 +449,33 @@ def test_sign_out_and_a_revoked_token_end_the_session(page: Any, world: World) -
     world.app.gate.revoke_token(ROOT, "t-operator")
     page.goto(f"{world.base}/console/approvals")
     expect(page).to_have_url(f"{world.base}/console/login")
+
+
+def test_the_drift_fallback_is_shown_on_every_page_and_an_operator_clears_it(
+    page: Any, world: World
+) -> None:
+    from playwright.sync_api import expect
+
+    world.app.store.engage_fallback(
+        "duration_error:job", "duration error of kind job rose", "v1", {"detector": "ADWIN"}
+    )
+    banner = page.locator("section.drift")
+    sign_in(page, world, Role.VIEWER)
+    for where in ("/console/", "/console/approvals", "/console/pools"):
+        page.goto(f"{world.base}{where}")
+        expect(banner).to_contain_text("Drift fallback engaged")
+        expect(banner).to_contain_text("duration_error:job")
+    expect(banner.locator("form")).to_have_count(0)  # a viewer may not clear it
+
+    page.click("button:has-text('Sign out')")
+    sign_in(page, world, Role.OPERATOR)
+    page.goto(f"{world.base}/console/pools")
+    banner.locator("input[name=reason]").fill("new disks; durations back to normal")
+    banner.locator("button[type=submit]").click()
+    expect(flash(page, "ok")).to_contain_text("drift fallback cleared")
+    expect(page).to_have_url(f"{world.base}/console/pools")
+    expect(banner).to_have_count(0)
+    assert world.app.store.fallback() is None
+    (cleared,) = world.app.store.audit_records(actions=["drift.cleared"])
+    assert cleared.actor == "t-operator"
+    assert cleared.details["reason"] == "new disks; durations back to normal"

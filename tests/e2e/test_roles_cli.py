@@ -153,6 +153,7 @@ def build_world(url: str, folder: Path) -> World:
     app.gate.deploy(ROOT, BUNDLE.format(name="first"), "first.yaml")
     app.gate.deploy(ROOT, BUNDLE.format(name="second"), "second.yaml")
     (awaiting,) = app.submit_many([NewTask("job", {"n": 4})], actor=ROOT)
+    app.store.engage_fallback("miss_rate", "set-up", "second", {})  # for `drift clear`
     bundle = folder / "third.yaml"
     bundle.write_text(BUNDLE.format(name="third"))
     world = World(app, url, secrets, waiting, cancelled, held, pinned, awaiting, bundle)
@@ -196,6 +197,7 @@ def snapshot(world: World) -> dict[str, Any]:
         "overrides": store.overrides(),
         "pools": store.pools(),
         "schedules": store.schedules(),
+        "fallback": store.fallback(),
     }
 
 
@@ -315,6 +317,12 @@ COMMANDS = [
         Operation.SCHEDULE,
         lambda w: ["schedules", "add", "nightly", "--kind", "job", "--cron", "0 3 * * *"],
         "schedule.saved",
+    ),
+    Command(
+        "drift clear",
+        Operation.CLEAR_DRIFT,
+        lambda w: ["drift", "clear", "--reason", "r"],
+        "drift.cleared",
     ),
     Command(
         "pools set",

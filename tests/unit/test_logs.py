@@ -1,5 +1,6 @@
 """Structured logs: every `logging` call becomes one JSON object (or one readable line) with
-time, level, logger, process, and the running task's id, kind and attempt."""
+time, level, logger, process, the running task's id, kind and attempt, and the current span's
+trace and span ids."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 
 from tactician.observe.logs import configure_logging
 from tactician.run.context import TaskContext, add_task, set_current
@@ -45,3 +47,20 @@ def test_console_lines_are_readable(capsys: pytest.CaptureFixture[str]) -> None:
     logging.getLogger("tactician.planner").error("lease lost")
     (line,) = capsys.readouterr().err.splitlines()
     assert "lease lost" in line and "error" in line and "task_id=t-2" in line
+
+
+def test_lines_inside_a_span_carry_its_trace(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO", "json", [add_task])
+    tracer = TracerProvider().get_tracer("tests")
+    log = logging.getLogger("tactician.worker")
+    with tracer.start_as_current_span("run deliver") as span:
+        set_current(TaskContext("t-3", "deliver", 2, 5))
+        log.info("inside")
+    set_current(None)
+    log.info("outside")
+    inside, outside = (json.loads(line) for line in capsys.readouterr().err.splitlines())
+    context = span.get_span_context()
+    assert inside["trace_id"] == format(context.trace_id, "032x")
+    assert inside["span_id"] == format(context.span_id, "016x")
+    assert inside["task_id"] == "t-3"
+    assert "trace_id" not in outside and "span_id" not in outside

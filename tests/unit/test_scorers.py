@@ -15,6 +15,7 @@ from tactician.decide.features import Backlog, KindHistory, ScoredTask, as_rows
 from tactician.decide.learned import Learned
 from tactician.decide.scorers import (
     DEFAULT_ESTIMATE,
+    LAST,
     SCORERS,
     Atc,
     PoolView,
@@ -105,7 +106,7 @@ def test_fifo_is_submission_order() -> None:
 def test_edf_is_earliest_deadline_first_and_no_deadline_last() -> None:
     tasks = [st("none", 0), st("late", 1, due=50), st("soon", 2, due=10)]
     assert order(get_scorer("edf"), tasks) == ["soon", "late", "none"]
-    assert ranks(get_scorer("edf"), tasks) == [math.inf, 50.0, 10.0]
+    assert ranks(get_scorer("edf"), tasks) == [LAST, 50.0, 10.0]
 
 
 def test_wspt_is_estimate_over_weight() -> None:
@@ -117,7 +118,7 @@ def test_wspt_is_estimate_over_weight() -> None:
         st("zero", 3, estimate=1, weight=0),
     ]
     assert order(get_scorer("wspt"), tasks) == ["c", "b", "a", "zero"]
-    assert ranks(get_scorer("wspt"), tasks) == [10.0, 6.0, 4.0, math.inf]
+    assert ranks(get_scorer("wspt"), tasks) == [10.0, 6.0, 4.0, LAST]
 
 
 def test_wspt_without_an_estimate_uses_the_kinds_median_at_submission_or_60s() -> None:

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tactician.api import console, routes
+from tactician.api import agents, console, routes
 from tactician.app import Tactician
 from tactician.errors import (
     Conflict,
@@ -32,6 +32,7 @@ from tactician.errors import (
 )
 from tactician.govern.roles import Actor
 from tactician.ingest.signatures import BadSignature
+from tactician.observe import traces
 from tactician.settings import Settings
 
 STATUS = {InvalidInput: 400, Forbidden: 403, NotFound: 404, Conflict: 409, StoreUnavailable: 503}
@@ -58,6 +59,7 @@ def error_body(code: str, message: str) -> dict[str, str]:
 
 def create_api(settings: Settings) -> FastAPI:
     """The API over the database `settings.db` names."""
+    traces.configure(settings)
     idle: list[Tactician] = []  # connections no request is using
     opened: list[Tactician] = []
     lock = threading.Lock()
@@ -134,6 +136,7 @@ def create_api(settings: Settings) -> FastAPI:
         return JSONResponse(error_body("invalid_input", str(message)), status_code=422)
 
     api.include_router(routes.build(current_app, actor))
+    api.include_router(agents.build(current_app, actor))  # edge agents and /sites
     console.install(api, current_app)
     return api
 

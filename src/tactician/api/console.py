@@ -229,6 +229,7 @@ def build(current_app: AppDep, sessions: Sessions) -> APIRouter:
             flash, page.session.flash = page.session.flash, []
         pending = len(page.app.store.approvals("pending"))
         context.update(
+            fallback=page.app.store.fallback(),
             actor=page.actor,
             csrf=page.session.csrf,
             flash=flash,
@@ -462,6 +463,14 @@ def build(current_app: AppDep, sessions: Sessions) -> APIRouter:
 
         page.attempt(f"task {task_id}: released", change)
         return back(_same_site_path(next, "/console/overrides"))
+
+    @router.post("/drift/clear")
+    def clear_drift(page: Poster, reason: Text = "", next: Text = "") -> Response:
+        page.attempt(
+            "drift fallback cleared: the models decide again",
+            lambda: page.app.gate.clear_drift(page.actor, reason),
+        )
+        return back(_same_site_path(next, "/console/"))
 
     # --- KPIs over time ---------------------------------------------------------------------
 

@@ -14,7 +14,10 @@ from tactician.domain import NewTask, Task
 from tactician.errors import InvalidInput
 from tactician.govern.audit import verify
 from tactician.govern.roles import Actor, Operation, parse_role
+from tactician.ingest.cloudevents_in import trace_carrier
 from tactician.ingest.intake import Format, Intake, parse_secrets
+from tactician.observe import traces
+from tactician.observe.drift import DRIFT_ACTIONS
 from tactician.observe.metrics import CONTENT_TYPE, metrics_text
 from tactician.store.protocol import TaskFilter
 
@@ -175,7 +178,13 @@ def build(current_app: AppDep, actor_of: ActorDep) -> APIRouter:
         return Page(items=[task_json(t) for t in tasks], next=next_after)
 
     @router.post("/tasks", tags=["tasks"], status_code=201, response_model=Json)
-    def submit(app: App, actor: Who, body: TaskIn) -> Json:
+    def submit(app: App, actor: Who, body: TaskIn, request: Request) -> Json:
+        """A task; a W3C `traceparent` header makes its run part of the caller's trace."""
+        incoming = traces.carrier(request.headers)
+        with traces.ingest_span(incoming, {"tactician.source": "api"}) as trace_context:
+            return _submit(app, actor, body, trace_context)
+
+    def _submit(app: Tactician, actor: Actor, body: TaskIn, trace_context: str | None) -> Json:
         task = NewTask(
             kind=body.kind,
             payload=body.payload,
@@ -188,6 +197,7 @@ def build(current_app: AppDep, actor_of: ActorDep) -> APIRouter:
             tenant=body.tenant,
             tags=tuple(body.tags),
             source="api",
+            trace_context=trace_context,
         )
         (task_id,) = app.submit_many([task], actor=actor)
         return {"id": task_id, "state": app.get(task_id).state.value}
@@ -445,9 +455,26 @@ def build(current_app: AppDep, actor_of: ActorDep) -> APIRouter:
 
     def ingest(app: Tactician, request: Request, body: bytes, source: str, format: Format) -> Json:
         """Signed sources prove themselves by signature, the others by a bearer token that may
-        submit; the event's tasks are committed before the answer."""
-        taker = intake(app)
+        submit; the event's tasks are committed before the answer. A W3C `traceparent` (the
+        request's, or a CloudEvent's own) is the parent of the `ingest` span."""
         headers = dict(request.headers)
+        incoming = traces.carrier(headers)
+        if format == "cloudevents" and traces.enabled():
+            incoming = trace_carrier(headers, body) or incoming
+        attributes = {"tactician.source": source, "tactician.format": format}
+        with traces.ingest_span(incoming, attributes) as trace_context:
+            return _ingest(app, request, headers, body, source, format, trace_context)
+
+    def _ingest(
+        app: Tactician,
+        request: Request,
+        headers: dict[str, str],
+        body: bytes,
+        source: str,
+        format: Format,
+        trace_context: str | None,
+    ) -> Json:
+        taker = intake(app)
         signature = None
         if taker.signed(source):
             signature = taker.check_signature(source, headers, body)
@@ -457,7 +484,9 @@ def build(current_app: AppDep, actor_of: ActorDep) -> APIRouter:
             app.gate.authorize(actor, Operation.SUBMIT, f"events:{source}")
         templates = app.gate.policy().bundle.templates
         try:
-            accepted = taker.take(source, format, headers, body, templates, actor)
+            accepted = taker.take(
+                source, format, headers, body, templates, actor, trace_context=trace_context
+            )
         except InvalidInput:
             raise  # dead-lettered: sending it again would not help
         except Exception:
@@ -521,6 +550,29 @@ def build(current_app: AppDep, actor_of: ActorDep) -> APIRouter:
 
         event = app.gate.rollback_model(actor, ModelRegistry(app.settings.models_dir))
         return {"version": event.version, "previous": event.previous}
+
+    # --- drift -------------------------------------------------------------------------------
+
+    @router.get("/drift", tags=["drift"], response_model=Json)
+    def drift(app: App, _: Who, since: float | None = None) -> Json:
+        """The fallback (null when not engaged) and the drift records since `since` (epoch
+        seconds; default: the last 7 days)."""
+        store = app.store
+        start = store.db_now() - 7 * 86_400 if since is None else since
+        engaged = store.fallback()
+        records = store.audit_records(since=start, actions=DRIFT_ACTIONS)
+        return {
+            "fallback": None if engaged is None else asdict(engaged),
+            "records": [r.to_json() for r in records],
+        }
+
+    class ClearIn(_In):
+        reason: str = Field(min_length=1, max_length=2000)
+
+    @router.post("/drift/clear", tags=["drift"], response_model=Json)
+    def clear_drift(app: App, actor: Who, body: ClearIn) -> Json:
+        """End the drift fallback: the models decide again (audited)."""
+        return asdict(app.gate.clear_drift(actor, body.reason))
 
     @router.get("/models", tags=["models"], response_model=list[Json])
     def models(app: App, _: Who) -> list[Json]:

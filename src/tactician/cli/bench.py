@@ -3,12 +3,18 @@
 The planner and the workers run in their own processes and are warm before the clock starts.
 The clock covers submission (every task committed before `submit` returns) through the moment
 the last task is seen succeeded. Each figure is the median of several runs.
+
+`metrics=False` switches off what the planner and workers count in memory (as
+TACTICIAN_METRICS=0 does); `scrape_every` adds a process that renders the /metrics text from the
+database at that interval during the run, as a Prometheus server scraping the API would
+(benchmarks/metrics_overhead.py compares the two).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -31,8 +37,8 @@ def noop() -> None:
     """The benchmark's task: does nothing, so what is measured is the scheduler."""
 
 
-def bench_app(db: str) -> Tactician:
-    app = Tactician(settings=Settings.from_env(db=db))
+def bench_app(db: str, metrics: bool = True) -> Tactician:
+    app = Tactician(settings=Settings.from_env(db=db, metrics=metrics))
     app.task(noop, name="noop", retries=0, timeout=60)
     return app
 
@@ -41,6 +47,13 @@ def bench_app(db: str) -> Tactician:
 class RunFigures:
     submit_s: float
     e2e_s: float
+    scrapes: int = 0
+    """/metrics renderings during the run (with `scrape_every`)."""
+    cpu_s: float = 0.0
+    """CPU seconds (user + system) of the planner, workers, runners and scraper, from their
+    start to their exit: less sensitive than wall time to other work on the machine."""
+    scrape_s: float = 0.0
+    """Wall seconds the scrapes took, in all."""
 
 
 class BenchDatabase:
@@ -89,25 +102,58 @@ class BenchDatabase:
                 conn.execute(statement.encode())  # our own identifiers, not user input
 
 
-def _worker_main(db: str, batch: int, stop: Any) -> None:
-    app = bench_app(db)
+def _worker_main(db: str, batch: int, stop: Any, metrics: bool) -> None:
+    app = bench_app(db, metrics)
     app.worker(WorkerOptions(concurrency=1, batch=batch)).run(stop.is_set)
 
 
-def _planner_main(db: str, stop: Any) -> None:
-    bench_app(db).planner().run(stop.is_set)
+def _planner_main(db: str, stop: Any, metrics: bool) -> None:
+    bench_app(db, metrics).planner().run(stop.is_set)
 
 
-def run_once(bench_db: BenchDatabase, tasks: int, workers: int, batch: int) -> RunFigures:
+def _scraper_main(db: str, stop: Any, every: float, scrapes: Any, spent: Any) -> None:
+    """Render the /metrics text every `every` seconds until stopped (a Prometheus scrape)."""
+    from tactician.observe.metrics import metrics_text
+
+    app = bench_app(db)
+    app.store  # noqa: B018 (connected before the first scrape, as a running API is)
+    try:
+        while not stop.wait(every):
+            began = time.perf_counter()
+            if b"tactician_tasks" not in metrics_text(app.store):
+                raise RuntimeError("a scrape came back without the task gauges")
+            spent.value += time.perf_counter() - began
+            scrapes.value += 1
+    finally:
+        app.close()
+
+
+def run_once(
+    bench_db: BenchDatabase,
+    tasks: int,
+    workers: int,
+    batch: int,
+    *,
+    metrics: bool = True,
+    scrape_every: float | None = None,
+) -> RunFigures:
     bench_db.reset()
     db = bench_db.url
-    app = bench_app(db)
+    app = bench_app(db, metrics)
     app.store  # noqa: B018 (create the schema before the children open it)
     ctx = multiprocessing.get_context("fork")
     stop = ctx.Event()
+    scrapes = ctx.Value("i", 0)
+    spent = ctx.Value("d", 0.0)
     app.close()
-    children = [ctx.Process(target=_planner_main, args=(db, stop))]
-    children += [ctx.Process(target=_worker_main, args=(db, batch, stop)) for _ in range(workers)]
+    children = [ctx.Process(target=_planner_main, args=(db, stop, metrics))]
+    children += [
+        ctx.Process(target=_worker_main, args=(db, batch, stop, metrics)) for _ in range(workers)
+    ]
+    if scrape_every is not None:
+        scraper = ctx.Process(target=_scraper_main, args=(db, stop, scrape_every, scrapes, spent))
+        children.append(scraper)
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     for child in children:
         child.start()
     try:
@@ -139,17 +185,40 @@ def run_once(bench_db: BenchDatabase, tasks: int, workers: int, batch: int) -> R
             if child.is_alive():
                 child.kill()
         app.close()
-    return RunFigures(submitted - started, finished - started)
+    failed = [c.name for c in children if c.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"bench processes did not stop cleanly: {failed}")
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    return RunFigures(
+        submitted - started, finished - started, int(scrapes.value), cpu, float(spent.value)
+    )
 
 
-def throughput(db: str | None, tasks: int, workers: int, runs: int, batch: int) -> dict[str, Any]:
+def throughput(
+    db: str | None,
+    tasks: int,
+    workers: int,
+    runs: int,
+    batch: int,
+    *,
+    metrics: bool = True,
+    scrape_every: float | None = None,
+) -> dict[str, Any]:
     if tasks < 1 or workers < 1 or runs < 1 or batch < 1:
         raise InvalidInput("tasks, workers, runs and batch must be >= 1")
+    if scrape_every is not None and not scrape_every > 0:
+        raise InvalidInput("scrape_every must be a positive number of seconds")
     with tempfile.TemporaryDirectory(prefix="tactician-bench-") as tmp:
         url = db or f"sqlite:///{os.path.join(tmp, 'bench.db')}"
         bench_db = BenchDatabase(url)
         try:
-            figures = [run_once(bench_db, tasks, workers, batch) for _ in range(runs)]
+            figures = [
+                run_once(
+                    bench_db, tasks, workers, batch, metrics=metrics, scrape_every=scrape_every
+                )
+                for _ in range(runs)
+            ]
         finally:
             bench_db.drop()
     submit_s = statistics.median(f.submit_s for f in figures)
@@ -165,4 +234,6 @@ def throughput(db: str | None, tasks: int, workers: int, runs: int, batch: int) 
         "e2e_s": round(e2e_s, 3),
         "e2e_s_runs": [round(f.e2e_s, 3) for f in figures],
         "verified_succeeded": tasks,
+        "metrics": metrics,
+        "scrapes": [f.scrapes for f in figures],
     }

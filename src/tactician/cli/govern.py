@@ -8,6 +8,7 @@ the refusal.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import getpass
 import json
@@ -25,6 +26,7 @@ from tactician.app import Tactician
 from tactician.errors import InvalidInput
 from tactician.govern.audit import verify
 from tactician.govern.roles import Actor, Operation, parse_role
+from tactician.observe.drift import DRIFT_ACTIONS
 from tactician.settings import Settings
 
 out = Console(highlight=False)
@@ -38,6 +40,9 @@ approvals_cli = typer.Typer(
 )
 overrides_cli = typer.Typer(
     help="Operator overrides: pin, run now, hold, release.", no_args_is_help=True
+)
+drift_cli = typer.Typer(
+    help="Drift: the detections and the decision service's fallback.", no_args_is_help=True
 )
 
 DbOption = Annotated[
@@ -58,6 +63,7 @@ def register(cli: typer.Typer) -> None:
     cli.add_typer(policy_cli, name="policy")
     cli.add_typer(approvals_cli, name="approvals")
     cli.add_typer(overrides_cli, name="overrides")
+    cli.add_typer(drift_cli, name="drift")
 
 
 def open_app(db: str | None) -> Tactician:
@@ -96,7 +102,7 @@ def parse_time(text: str | None, name: str, now: float) -> float | None:
     if text is None:
         return None
     text = text.strip()
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
     try:
         if text[:1] in "+-" and text[-1:] in units:
             return now + float(text[:-1]) * units[text[-1]]
@@ -588,3 +594,44 @@ def overrides_list(db: DbOption = None, as_json: JsonOption = False) -> None:
         value = "-" if r.value is None else f"{r.value:g}"
         table.add_row(r.task_id, r.what, value, r.actor, r.reason, _when(r.expires_at))
     out.print(table)
+
+
+# --- drift ---------------------------------------------------------------------------------
+
+
+@drift_cli.command("status")
+def drift_status(
+    db: DbOption = None,
+    since: Annotated[str, typer.Option(help="Detections since (ISO 8601, -7d...).")] = "-7d",
+    as_json: JsonOption = False,
+) -> None:
+    """Whether the fallback is engaged, and the drift records since a time."""
+    app = open_app(db)
+    store = app.store
+    engaged = store.fallback()
+    start = parse_time(since, "since", store.db_now())
+    records = list(store.audit_records(since=start, actions=DRIFT_ACTIONS))
+    if as_json:
+        engaged_json = None if engaged is None else dataclasses.asdict(engaged)
+        _print_json({"fallback": engaged_json, "records": [r.to_json() for r in records]})
+        return
+    if engaged is None:
+        out.print("fallback: not engaged (the decision service's models decide)")
+    else:
+        out.print(
+            f"fallback: ENGAGED since {_when(engaged.since)} on {engaged.signal} "
+            f"({engaged.reason}); clear it with: tactician drift clear --reason ..."
+        )
+    table = Table("seq", "at", "action", "actor", "signal", "what")
+    for r in records:
+        what = r.details.get("text") or r.details.get("reason") or ""
+        table.add_row(str(r.seq), _when(r.at), r.action, r.actor, r.subject, str(what))
+    out.print(table if records else "no drift records in that time")
+
+
+@drift_cli.command("clear")
+def drift_clear(reason: ReasonOption, db: DbOption = None, token: TokenOption = None) -> None:
+    """End the fallback: the models decide again, and the detectors start afresh."""
+    app = open_app(db)
+    cleared = app.gate.clear_drift(acting(app, token), reason)
+    out.print(f"drift fallback on {cleared.signal} cleared (engaged {_when(cleared.since)})")

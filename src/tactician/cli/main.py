@@ -16,9 +16,12 @@ from rich.console import Console
 from rich.table import Table
 
 from tactician.app import Tactician
+from tactician.cli.agent import register as register_agent
 from tactician.cli.govern import TokenOption, acting, authorized
 from tactician.cli.govern import register as register_govern
+from tactician.cli.ingest import register as register_ingest
 from tactician.cli.models import register as register_models
+from tactician.cli.report import register as register_report
 from tactician.cli.simulate import CapacityOption, parse_capacities
 from tactician.cli.simulate import simulate as simulate_command
 from tactician.domain import NewTask, Task, TaskState
@@ -45,6 +48,9 @@ workload_cli = typer.Typer(help="Simulator workloads: generate and inspect.", no
 cli.add_typer(workload_cli, name="workload")
 register_models(cli, bench_cli)  # train, models …, bench decide
 register_govern(cli)  # audit, tokens, policy, approvals, overrides
+register_ingest(cli)  # ingest: bus sources
+register_report(cli)  # report (the KPI report)
+register_agent(cli)  # agent (edge sites), agent keygen, sites
 
 out = Console(highlight=False)
 F = TypeVar("F", bound=Callable[..., Any])

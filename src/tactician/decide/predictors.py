@@ -40,6 +40,8 @@ DEFAULT_SIGMA = 0.6
 """Spread of log(duration) assumed without a model (a factor of about 2.2 between p50 and p90)."""
 MIN_ROWS = 50
 """Fewer finished tasks than this and no predictor is fitted."""
+REFERENCE_ROWS = 1000
+"""Training rows kept with a model set as the reference of feature drift (about 100 kB)."""
 
 PARAMS: dict[str, Any] = {
     "num_leaves": 15,
@@ -125,6 +127,9 @@ class ModelSet:
     miss_accepted: bool = False
     """Per kind: log(p90 / p50) of actual / baseline in training: the baseline's own spread,
     used when the duration model was refused."""
+    reference: list[list[float | None]] = field(default_factory=list)
+    """A sample of the training rows (None: missing), the reference a drift detector compares
+    live tasks' features with (population stability index)."""
     version: str = ""
 
     def __post_init__(self) -> None:
@@ -242,6 +247,7 @@ class ModelSet:
             "spread": {str(k): v for k, v in self.spread.items()},
             "vocabulary": self.vocabulary,
             "miss_accepted": self.miss_accepted,
+            "reference": self.reference,
         }
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
@@ -272,6 +278,7 @@ class ModelSet:
                 spread={int(k): v for k, v in body["spread"].items()},
                 vocabulary=body["vocabulary"],
                 miss_accepted=body["miss_accepted"],
+                reference=body.get("reference", []),  # model sets saved before it had none
             )
         except (KeyError, TypeError, ValueError, lgb.basic.LightGBMError) as exc:
             raise InvalidInput(f"not a model set: {exc}") from None
@@ -475,8 +482,15 @@ def fit(
     distance = np.nanmean(np.where(np.isnan(z), 0.0, z) ** 2, axis=1) if kept else np.zeros(1)
     limit = float(np.quantile(distance, 0.999)) * 1.5 if len(distance) else math.inf
 
+    sample = x[train]
+    if len(sample) > REFERENCE_ROWS:
+        picked = np.random.default_rng(0).choice(len(sample), REFERENCE_ROWS, replace=False)
+        sample = sample[np.sort(picked)]
+    reference = [[None if math.isnan(v) else float(v) for v in row] for row in sample.tolist()]
+
     return ModelSet(
         spec=spec,
+        reference=reference,
         p50=p50 if duration_ok else None,
         p90=p90 if duration_ok else None,
         p10=p10 if duration_ok else None,

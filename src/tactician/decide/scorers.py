@@ -52,8 +52,14 @@ class RankRequest:
     """Pool code (the backlog's vocabulary) → its view; missing: unbounded."""
 
 
+LAST = 1e300
+"""A scorer's rank for "after every other task". Not +inf: an infinite rank keeps a task out
+of the planning pass altogether (a deferral by the gate or the advisor), so a scorer that gave
+it to tasks without a deadline would never start them."""
+
+
 class Scorer(Protocol):
-    """Ranks waiting tasks; lower ranks start first."""
+    """Ranks waiting tasks; lower ranks start first; finite ranks only (see LAST)."""
 
     name: str
     time_dependent: bool
@@ -116,7 +122,7 @@ class Edf:
 
     def rank(self, request: RankRequest) -> Array:
         due = request.backlog.due[request.rows]
-        return np.where(np.isnan(due), np.inf, due)
+        return np.where(np.isnan(due), LAST, due)
 
     def explain(self, request: RankRequest) -> list[Reason]:
         due = float(request.backlog.due[request.rows[0]])
@@ -134,7 +140,7 @@ class Wspt:
     def rank(self, request: RankRequest) -> Array:
         weight = request.backlog.weight[request.rows]
         index = durations(request.backlog, request.rows) / np.maximum(weight, 1e-9)
-        return np.where(weight <= 0, np.inf, index)
+        return np.where(weight <= 0, LAST, index)
 
     def explain(self, request: RankRequest) -> list[Reason]:
         row = request.rows[:1]

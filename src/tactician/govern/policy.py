@@ -33,6 +33,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 from tactician.domain import RateLimit
 from tactician.errors import InvalidInput
 from tactician.govern.audit import canonical_json as _canonical
+from tactician.govern.sources import Sources
 
 Path = tuple[str | int, ...]
 
@@ -275,6 +276,33 @@ class Template(_Model):
     task: TaskTemplate
 
 
+HeuristicScorer = Literal["fifo", "edf", "wspt", "atc"]
+
+
+class DriftSpec(_Model):
+    """What a detected drift does (tactician.observe.drift finds it; run.drift acts on it).
+
+    A detection is always audited and counted; with `notify` it is also sent to that channel.
+    With `fallback`, the decision service switches to the `scorer` heuristic and the `confirm`
+    rule (if any) sends the automated actions it matches to a person for confirmation, until an
+    operator clears the drift (`tactician drift clear`).
+    """
+
+    watch: Annotated[bool, Strict()] = True
+    """Run the detectors (ADWIN on the duration error and the miss rate, PSI on features)."""
+    fallback: Annotated[bool, Strict()] = False
+    scorer: HeuristicScorer = "edf"
+    """The conservative tier while the fallback is engaged: a heuristic, no learned model."""
+    confirm: ApprovalRule | None = None
+    """While the fallback is engaged, ready tasks this rule matches wait for its approvers."""
+    notify: str | None = None
+    """A channel of the bundle told of each detection."""
+    delta: Annotated[float, Strict(), Field(gt=0, lt=1)] = 0.0001
+    """ADWIN's confidence: smaller means fewer false alarms and later detections."""
+    psi_threshold: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] = 0.25
+    """Population stability index above which a feature has drifted."""
+
+
 class PolicyBundle(_Model):
     name: Name
     description: str | None = None
@@ -291,6 +319,9 @@ class PolicyBundle(_Model):
     templates: tuple[Template, ...] = ()
     models: dict[str, Annotated[str, AfterValidator(_hex)]] = Field(default_factory=dict)
     """Pinned model version per model set: a sha256 hex prefix."""
+    drift: DriftSpec = Field(default_factory=DriftSpec)
+    sources: Sources = ()
+    """Buses `tactician ingest` pulls events from (tactician.govern.sources)."""
 
     @model_validator(mode="after")
     def _references(self) -> Self:
@@ -303,14 +334,25 @@ class PolicyBundle(_Model):
                 if (first := listed.index(name)) < index:
                     message = f"{name!r} is already the name of {field}[{first}]"
                     raise _fail(message, field, index, "name")
-        for index, rule in enumerate(self.approvals):
+        known = ", ".join(sorted(self.channels)) or "none"
+        rules: list[tuple[tuple[str | int, ...], ApprovalRule]] = [
+            (("approvals", index), rule) for index, rule in enumerate(self.approvals)
+        ]
+        if self.drift.confirm is not None:
+            rules.append((("drift", "confirm"), self.drift.confirm))
+        for where, rule in rules:
             for step_index, step in enumerate(rule.escalation):
                 if step.notify not in self.channels:
-                    known = ", ".join(sorted(self.channels)) or "none"
                     raise _fail(
                         f"channel {step.notify!r} is not defined in channels ({known})",
-                        *("approvals", index, "escalation", step_index, "notify"),
+                        *where,
+                        *("escalation", step_index, "notify"),
                     )
+        if self.drift.notify is not None and self.drift.notify not in self.channels:
+            raise _fail(
+                f"channel {self.drift.notify!r} is not defined in channels ({known})",
+                *("drift", "notify"),
+            )
         return self
 
 

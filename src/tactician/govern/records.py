@@ -99,3 +99,13 @@ class OutcomeOfTask:
     weight: float
     state: str
     asked_approval: bool
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """The decision service's drift fallback, while it is engaged."""
+
+    since: float
+    signal: str
+    reason: str
+    policy: str

@@ -37,6 +37,7 @@ class Operation(enum.StrEnum):
     PROMOTE_MODEL = "model.promote"
     SCHEDULE = "schedule.change"
     SET_POOL = "pool.set"
+    CLEAR_DRIFT = "drift.clear"
     CREATE_TOKEN = "token.create"
     REVOKE_TOKEN = "token.revoke"
 
@@ -50,6 +51,7 @@ _OPERATOR = frozenset(
         Operation.OVERRIDE,
         Operation.CLEAR_OVERRIDE,
         Operation.SCHEDULE,
+        Operation.CLEAR_DRIFT,
     }
 )
 ALLOWED: dict[Role, frozenset[Operation]] = {

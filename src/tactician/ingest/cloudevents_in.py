@@ -134,6 +134,28 @@ def parse_cloudevent(headers: Mapping[str, str], body: bytes | str, source: str 
     return Event(source, _fields(event, sent), f"cloudevents:{event.get_source()}:{event.get_id()}")
 
 
+def trace_carrier(headers: Mapping[str, str], body: bytes) -> dict[str, str]:
+    """The event's distributed-tracing attributes (`traceparent`, `tracestate`), read before the
+    event is parsed so that its ingest span can continue the event's trace: from the ce-*
+    headers in binary mode, from the JSON body in structured mode. Empty when there are none or
+    the request cannot be read (parsing then refuses it with the reason)."""
+    lowered = {name.lower(): value for name, value in headers.items()}
+    if _media_type(lowered) != STRUCTURED:
+        sent: Any = {name: lowered.get(f"ce-{name}") for name in ("traceparent", "tracestate")}
+    else:
+        try:
+            sent = json.loads(body.decode())
+        except (UnicodeDecodeError, ValueError):
+            return {}
+    if not isinstance(sent, dict):
+        return {}
+    return {
+        name: sent[name]
+        for name in ("traceparent", "tracestate")
+        if isinstance(sent.get(name), str)
+    }
+
+
 def _fields(event: BaseCloudEvent, sent: Mapping[str, Any]) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "id": event.get_id(),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from tactician.domain import NewTask
@@ -24,6 +24,7 @@ from tactician.ingest.cloudevents_in import parse_cloudevent
 from tactician.ingest.records import Event, Resolution, Unmatched
 from tactician.ingest.signatures import BadSignature, verify
 from tactician.ingest.templates import task_for
+from tactician.observe import traces
 from tactician.store.protocol import Store
 
 Format = Literal["json", "cloudevents", "alertmanager"]
@@ -81,7 +82,11 @@ class Intake:
         body: bytes,
         templates: Sequence[Template],
         actor: Actor,
+        trace_context: str | None = None,
     ) -> Accepted:
+        """`trace_context`: the traceparent the tasks continue (the ingest span's). Without a
+        span (tracing off) a CloudEvent's own traceparent comes first, since it names where
+        the event began."""
         now = self.store.db_now()
         try:
             parsed = self._parse(source, format, headers, body)
@@ -94,7 +99,10 @@ class Intake:
                 made = task_for(item, templates, now)
                 if isinstance(made, Unmatched):
                     raise InvalidInput(made.reason)
-                tasks.append(made)
+                context = trace_context
+                if format == "cloudevents" and not traces.enabled():
+                    context = traces.valid_traceparent(item.body.get("traceparent")) or context
+                tasks.append(replace(made, trace_context=context) if context else made)
         except InvalidInput as exc:
             self.store.dead_letter(source, exc.message, body, headers, actor=actor)
             raise

@@ -22,17 +22,17 @@ import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-from river import drift as river_drift
 
 from tactician.decide.features import FeatureSpec
 from tactician.errors import InvalidInput
 from tactician.store.protocol import OutcomeRow
 
 __all__ = [
+    "DRIFT_ACTIONS",
     "PSI_THRESHOLD",
     "AdwinOptions",
     "DriftEvent",
@@ -42,6 +42,8 @@ __all__ = [
     "psi",
 ]
 
+DRIFT_ACTIONS = ("drift.detected", "drift.fallback", "drift.cleared")
+"""The audit chain's drift records: a detection, the fallback engaged, the fallback cleared."""
 PSI_THRESHOLD = 0.25
 """PSI above this is a significant shift (0.1-0.25 is usually read as "moderate")."""
 FLOOR = 1e-4
@@ -49,6 +51,9 @@ FLOOR = 1e-4
 MISSING = "<missing>"
 
 Array = npt.NDArray[np.float64]
+
+if TYPE_CHECKING:
+    from river.drift import ADWIN
 
 
 # --- events ----------------------------------------------------------------------------------
@@ -418,9 +423,13 @@ class _Signal:
             self.adwin.update(old)  # type: ignore[no-untyped-call]
         return None
 
-    def _new_adwin(self) -> river_drift.ADWIN:
+    def _new_adwin(self) -> ADWIN:
+        # Imported where used: river.drift pulls in scipy.stats, 1.6 s of every command's
+        # start-up otherwise (a monitor has loaded it already).
+        from river.drift import ADWIN
+
         # river's ADWIN has no annotations (river ships py.typed, so no stubs are looked for).
-        return river_drift.ADWIN(delta=self.options.delta, clock=self.options.clock)  # type: ignore[no-untyped-call]
+        return ADWIN(delta=self.options.delta, clock=self.options.clock)  # type: ignore[no-untyped-call]
 
 
 def _change(values: Array, kept: int) -> tuple[float, float, int]:
@@ -445,6 +454,10 @@ class DriftMonitor:
     miss rate. `observe` returns the events the outcome raised (usually none)."""
 
     def __init__(self, options: AdwinOptions | None = None) -> None:
+        # river (and the scipy it pulls in) loads here, with the monitor, and not at the first
+        # outcome: in the live planner that would be a pause of a second or more mid-run.
+        import river.drift  # noqa: F401
+
         self.options = options or AdwinOptions()
         self._errors: dict[str, _Signal] = {}
         self._misses: _Signal | None = None

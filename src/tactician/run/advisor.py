@@ -42,6 +42,7 @@ from tactician.decide.advice import (
 from tactician.decide.decision import Decision
 from tactician.domain import TargetState
 from tactician.errors import InvalidInput
+from tactician.observe import counters
 from tactician.plan.flow import after_result, breaker_may_probe
 
 log = logging.getLogger(__name__)
@@ -222,18 +223,23 @@ class LLMAdvisor:
 
     def advise(self, decision: Decision, request: AdviceRequest) -> Decision:
         """The decision updated by the advisor, or tier 1 with a note saying why it stands."""
+        began = self._clock.monotonic()
         try:
             return self._advise(decision, request)
         except _Refused as refused:
+            counters.inc(counters.LLM_FAILURES, reason=refused.failure.value)
             with self._lock:
                 self._failures[refused.failure] += 1
             log.info("tier 1 stands for %s: %s", request.task_id, refused.note)
             return with_note(decision, refused.note)
         except Exception as exc:  # a crashing advisor abstains with a reason, never raises
             log.exception("advisor crashed on %s", request.task_id)
+            counters.inc(counters.LLM_FAILURES, reason=Failure.CRASHED.value)
             with self._lock:
                 self._failures[Failure.CRASHED] += 1
             return with_note(decision, f"advisor failed ({type(exc).__name__}); tier 1 stands")
+        finally:
+            counters.decision_latency(2, self._clock.monotonic() - began)
 
     def stats(self) -> AdvisorStats:
         with self._lock:
@@ -328,6 +334,7 @@ class LLMAdvisor:
                 self._breaker = dataclasses.replace(state, breaker="half_open")
             self._spent.append(now)
             self._calls += 1
+        counters.inc(counters.LLM_CALLS)
 
     def _record(self, *, ok: bool) -> None:
         now = self._clock.now()
@@ -407,9 +414,13 @@ class LLMAdvisor:
             ) from None
         usage = envelope.get("usage") if isinstance(envelope, dict) else None
         if isinstance(usage, dict):
+            prompt = _count(usage.get("prompt_tokens"))
+            completion = _count(usage.get("completion_tokens"))
+            counters.inc(counters.LLM_TOKENS, prompt, type="prompt")
+            counters.inc(counters.LLM_TOKENS, completion, type="completion")
             with self._lock:
-                self._prompt_tokens += _count(usage.get("prompt_tokens"))
-                self._completion_tokens += _count(usage.get("completion_tokens"))
+                self._prompt_tokens += prompt
+                self._completion_tokens += completion
         try:
             message = envelope["choices"][0]["message"]
         except (KeyError, IndexError, TypeError):
@@ -458,7 +469,7 @@ class BackgroundAdvisor:
                     self._queue.put_nowait((decision, request, on_advice))
                     return True
                 except queue.Full:
-                    pass
+                    counters.backpressure("llm_advisor", "refused")
             self._dropped += 1
             return False
 

@@ -28,7 +28,13 @@ from tactician.govern.approvals import RuleSpec, due_steps, first_static, is_sen
 from tactician.govern.audit import Entry
 from tactician.govern.compare import arm_kpis, in_experiment, shadow_report
 from tactician.govern.policy import DEFAULT_BUNDLE, PolicyBundle, bundle_version, parse_bundle
-from tactician.govern.records import ApprovalRow, DecisionRow, Deployment, NewApproval
+from tactician.govern.records import (
+    ApprovalRow,
+    DecisionRow,
+    Deployment,
+    Fallback,
+    NewApproval,
+)
 from tactician.govern.roles import (
     SYSTEM,
     Actor,
@@ -355,6 +361,13 @@ class Gate:
             )
         if tasks:
             self.store.submit(tasks, {NOTIFY_KIND: notify_kind()}, actor=SYSTEM)
+
+    # --- drift ---------------------------------------------------------------------------
+
+    def clear_drift(self, actor: Actor, reason: str) -> Fallback:
+        """End the drift fallback: the decision service's models decide again (audited)."""
+        self.authorize(actor, Operation.CLEAR_DRIFT, "fallback")
+        return self.store.clear_fallback(actor, reason)
 
     # --- models --------------------------------------------------------------------------
 

@@ -2,7 +2,11 @@
 
 Each tick: keep leadership; promote pending and retry_wait tasks whose time came; reap expired
 leases; fire due schedules; then grant capacity to ready tasks, best first, in batches, until
-nothing more fits. Standby planners only try to take the lead.
+nothing more fits. Standby planners only try to take the lead, every STANDBY_POLL_S.
+
+When the database goes away the planner stops planning, waits for it (the store reconnects with
+backoff), and asks again whether it leads before its next pass: on PostgreSQL the lock lives in
+a session, and a lost connection is a lost lock.
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 
 from tactician.domain import KindSpec
+from tactician.errors import StoreUnavailable
+from tactician.observe import counters, traces
 from tactician.plan.capacity import plan_starts
-from tactician.settings import Settings
+from tactician.settings import Settings, redact_url
 from tactician.store.protocol import Planner, Ranker, Store
 
 log = logging.getLogger("tactician.planner")
@@ -27,6 +34,11 @@ KINDS_REFRESH_S = 2.0
 MIN_IDLE_WAIT_S = 0.001
 # How often the running planner does its periodic chores; promote and plan run every pass.
 CHORE_EVERY_S = {"lead": LEADER_TTL_S / 5, "reap": 0.25, "hooks": 0.5}
+STANDBY_POLL_S = 0.25
+"""How often a standby asks for the lead: with the lock freed when the leader's connection
+closes, this bounds the take-over after a leader dies (one cheap query on PostgreSQL)."""
+OUTAGE_STEP_S = 1.0
+"""While the database is away, how often the planner looks up to see whether it should stop."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,7 @@ class PlannerService:
         self._kinds: Mapping[str, KindSpec] = {}
         self._kinds_at = -1e9
         self._leading = False
+        counters.configure(settings.metrics)
 
     def kinds(self) -> Mapping[str, KindSpec]:
         if time.monotonic() - self._kinds_at > KINDS_REFRESH_S:
@@ -103,8 +116,12 @@ class PlannerService:
         started = 0
         while True:
             provenance = getattr(self.ranker, "provenance", None)
-            plan = self.store.plan(self.planner, kinds, self.ranker, provenance)
+            if traces.enabled():  # a plan span per pass that started tasks
+                plan = traces.traced_plan(self.store, self.planner, kinds, self.ranker, provenance)
+            else:
+                plan = self.store.plan(self.planner, kinds, self.ranker, provenance)
             started += plan.started
+            counters.DEFAULT.rate_limited(plan.blocked)
             wake_in = plan.wake_in
             if plan.started < max(1, min(plan.considered, self.settings.plan_batch) // 2):
                 break
@@ -114,7 +131,7 @@ class PlannerService:
         listen = getattr(self.store, "listen", None)
         if listen is not None:
             listen("tactician_planner")
-        log.info("planner %s started on %s", self.holder, self.store.url)
+        log.info("planner %s started on %s", self.holder, redact_url(self.store.url))
         try:
             idle_wait = MIN_IDLE_WAIT_S
             last = {"lead": -1e9, "reap": -1e9, "hooks": -1e9}
@@ -124,9 +141,15 @@ class PlannerService:
                 for chore, is_due in due.items():
                     if is_due:
                         last[chore] = now
-                report = self._tick(**due)
+                try:
+                    report = self._tick(**due)
+                    counters.flush_due(self.store)
+                except StoreUnavailable as exc:
+                    if not self._wait_for_database(exc, should_stop):
+                        break
+                    continue
                 if not report.leading:
-                    time.sleep(min(1.0, LEADER_TTL_S / 5))
+                    time.sleep(STANDBY_POLL_S)
                 elif report.started or report.promoted or report.reaped or report.fired:
                     idle_wait = MIN_IDLE_WAIT_S
                 else:
@@ -134,5 +157,21 @@ class PlannerService:
                     self.store.wait_for_work(wait)
                     idle_wait = min(self.settings.poll_interval, idle_wait * 2)
         finally:
+            counters.flush(self.store)
             if self._leading:
-                self.store.resign(self.holder)
+                with suppress(StoreUnavailable):  # a lost session has freed the lock already
+                    self.store.resign(self.holder)
+
+    def _wait_for_database(self, exc: StoreUnavailable, should_stop: Callable[[], bool]) -> bool:
+        """Stop leading, wait for the database, and ask again before the next pass (a session
+        lock does not outlive its connection). False when told to stop meanwhile."""
+        reconnect = getattr(self.store, "reconnect", None)
+        if reconnect is None:  # SQLite: no connection to lose; a busy timeout ends the run
+            raise exc
+        if self._leading:
+            log.warning("planner %s stops planning until it leads again: %s", self.holder, exc)
+            self._leading = False
+        while not reconnect(OUTAGE_STEP_S):
+            if should_stop():
+                return False
+        return True

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ from tactician.decide.scorers import PoolView, RankRequest, Scorer, get_scorer
 from tactician.decide.service import Snapshot, confidence, spread_confidence
 from tactician.govern.approvals import RuleSpec
 from tactician.govern.compare import in_experiment
+from tactician.observe import counters
 from tactician.plan.capacity import CapacityView
 from tactician.store.protocol import ReadyRow, Store
 
@@ -117,6 +119,10 @@ class LiveRanker:
         impact): a ready task they match is kept out of every pass and listed in `gated`."""
         self.gated: dict[str, tuple[RuleSpec, str]] = {}
         self.experiment: Experiment | None = None
+        self.fallback: str | None = None
+        """The drifted signal while the drift fallback is engaged (`use_fallback`)."""
+        self._normal: tuple[Scorer, tuple[RuleSpec, ...]] = (scorer, ())
+        """The policy's scorer and rules, put back when the fallback is cleared."""
         self._arms: set[str] = set()
         """Task id → the rule that sends it to approval and why (taken by the gate hook)."""
         self._history_at: float | None = None
@@ -130,10 +136,30 @@ class LiveRanker:
         self._reset()
 
     def use_policy(self, version: str, scorer: Scorer, gate_rules: Sequence[RuleSpec] = ()) -> None:
-        """Rank with a newly deployed (or rolled back) bundle's scorer and rules."""
+        """Rank with a newly deployed (or rolled back) bundle's scorer and rules (a drift
+        fallback ends with it: the drift watch engages it again under the new bundle)."""
+        self.fallback = None
         self.policy_version = version
         self.scorer = scorer
         self.gate_rules = tuple(r for r in gate_rules if r.match.needs_decision)
+        self._reset()
+
+    def use_fallback(
+        self, signal: str | None, scorer: Scorer | None = None, confirm: RuleSpec | None = None
+    ) -> None:
+        """With a signal: rank with the conservative `scorer` (no A/B split) and send the ready
+        tasks `confirm` matches to approval, until called with None (the policy's scorer and
+        rules again)."""
+        if self.fallback is None:
+            self._normal = (self.scorer, self.gate_rules)
+        if signal is None:
+            self.scorer, self.gate_rules = self._normal
+        else:
+            if scorer is None:
+                raise ValueError("a fallback needs its conservative scorer")
+            self.scorer = scorer
+            self.gate_rules = self._normal[1] + (() if confirm is None else (confirm,))
+        self.fallback = signal
         self._reset()
 
     def use_experiment(self, experiment: Experiment | None) -> None:
@@ -148,7 +174,10 @@ class LiveRanker:
             "model": self.model_version,
             "scorer": self.scorer.name,
         }
-        if self.experiment is not None:
+        made["advised"] = [t for t in started if t in self.advice]  # tier 2's say, if any
+        if self.fallback is not None:
+            made["fallback"] = self.fallback
+        elif self.experiment is not None:
             made["experiment"] = self.experiment.version
             made["experiment_tasks"] = [t for t in started if t in self._arms]
         return made
@@ -236,10 +265,12 @@ class LiveRanker:
         }
 
     def __call__(self, ready: Sequence[ReadyRow], view: CapacityView, now: float) -> list[float]:
+        began = time.perf_counter()
         rows = self.rows_of(ready)
         request = RankRequest(self.backlog, rows, now, self.pools(view))
         ranks = self.scorer.rank(request)
-        if self.experiment is not None:
+        counters.first_decisions(self.backlog, rows)  # once a task, with its predictions
+        if self.experiment is not None and self.fallback is None:
             ranks = self._split(ready, request, ranks)
         if self.advice:
             ranks = self._advised(ready, ranks, now)
@@ -247,6 +278,7 @@ class LiveRanker:
             ranks = self._overridden(ready, ranks)
         if self.gate_rules:
             ranks = self._gate(ready, rows, ranks, now)
+        counters.decision_latency(1, time.perf_counter() - began)
         return [float(r) for r in ranks]
 
     def _split(

@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
 from tactician.errors import HandlerError, TargetOverloaded
+from tactician.observe import traces
 from tactician.run.context import TaskContext, set_current
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
@@ -43,6 +44,7 @@ class Job(NamedTuple):
     attempt: int
     payload: str  # JSON text: decoded in the runner
     timeout: float
+    trace_context: str | None = None  # the traceparent its run span continues
 
 
 # What a runner sends back for one job:
@@ -72,6 +74,8 @@ def _runner_main(
     _WORKER_ENDS.clear()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when runners stop
     os.setpgid(0, 0)  # a group of its own: a kill also reaches the commands it started
+    if traces.enabled():
+        traces.in_runner()  # spans go to the worker with the results
     executors = make_executors()
     try:
         while True:
@@ -92,9 +96,9 @@ def _runner_main(
                 out.append(_run_one(executors, job, started_mono))
                 progress[1] = 0.0
                 if time.monotonic() - last_send >= SEND_EVERY_S:
-                    conn.send(out)
+                    _send(conn, out)
                     out, last_send = [], time.monotonic()
-            conn.send(out)
+            _send(conn, out)
             conn.send(None)  # batch done
     finally:
         executors.close()
@@ -102,7 +106,24 @@ def _runner_main(
         os._exit(0)  # never run the parent's finalisers (open database handles) here
 
 
+def _send(conn: Connection, results: list[RawResult]) -> None:
+    if traces.enabled():
+        spans = traces.take_spans()
+        if spans is not None:  # before the results: the worker has them when a task is done
+            conn.send(spans)
+    conn.send(results)
+
+
 def _run_one(executors: Any, job: Job, started_mono: float) -> RawResult:
+    if not traces.enabled():
+        return _execute(executors, job, started_mono)
+    with traces.run_span(job.task_id, job.kind, job.attempt, job.trace_context) as span:
+        result = _execute(executors, job, started_mono)
+        traces.end_run(span, ok=result[2], error=result[5], stack=result[6])
+        return result
+
+
+def _execute(executors: Any, job: Job, started_mono: float) -> RawResult:
     started_at = time.time()
     set_current(TaskContext(job.task_id, job.kind, job.attempt, job.token))
     try:
@@ -192,6 +213,9 @@ class Runner:
                 if message is None:
                     self.batch = []
                     break
+                if type(message) is traces.SpanBatch:
+                    traces.emit(message)
+                    continue
                 results.extend(message)
                 self.done.update(r[0] for r in message)
         except (EOFError, OSError):
@@ -254,12 +278,24 @@ class Runner:
             victim = running[0] if running else None
         if victim is not None and victim.task_id not in self.done:
             error = f"TimeoutError: {reason}" if timed_out else reason
+            ran = time.monotonic() - running[1] if running and running[0] == victim else 0.0
             if cancelled:
                 results.append(_cancelled(victim, reason))
             else:
-                ran = time.monotonic() - running[1] if running and running[0] == victim else 0.0
                 results.append(
                     (victim.task_id, victim.token, False, now - ran, ran, error, None, True, False)
+                )
+            if traces.enabled():
+                outcome = "timeout" if timed_out else "cancelled" if cancelled else "lost"
+                traces.lost_run(
+                    victim.task_id,
+                    victim.kind,
+                    victim.attempt,
+                    victim.trace_context,
+                    started_at=now - ran,
+                    duration=ran,
+                    outcome=outcome,
+                    error=error,
                 )
             self.done.add(victim.task_id)
         rest = [j for j in self.batch if j.task_id not in self.done]
@@ -284,6 +320,9 @@ class Runner:
                 message = self.conn.recv()
                 if message is None:
                     break
+                if type(message) is traces.SpanBatch:
+                    traces.emit(message)
+                    continue
                 results.extend(message)
                 self.done.update(r[0] for r in message)
         except (EOFError, OSError):

@@ -5,10 +5,16 @@ planner's reaper puts those tasks back. A worker that comes back from a pause fi
 results refused by the store (fencing), because another worker now holds a newer lease token.
 At most `concurrency * batch` tasks are in flight per worker: that bounds how many tasks a
 killed worker can leave executed-but-unrecorded (re-executed later).
+
+A worker that loses its database connection keeps its runners going and its results in hand,
+waits for the database (the store reconnects with backoff), registers again, and sends the
+results: the store refuses any whose lease was lost meanwhile (fencing), so a worker never
+completes a task another worker may now hold.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -20,13 +26,17 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 
 from tactician.domain import Claim, KindSpec, Result
+from tactician.errors import StoreUnavailable
+from tactician.observe import counters
 from tactician.run.executors import Executors, Handler, preload
 from tactician.run.runner import CANCEL_MARK, TIMEOUT_MARK, Job, RawResult, Runner
-from tactician.store.protocol import Finish, Store
+from tactician.store.protocol import Finish, HeartbeatReply, Store
 
 log = logging.getLogger("tactician.worker")
 MIN_IDLE_WAIT_S = 0.001
 """After work, poll again soon; the wait doubles up to the poll interval while idle."""
+OUTAGE_STEP_S = 0.5
+"""While the database is away, how often results are collected and timeouts enforced."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,11 @@ class Worker:
         self.refused = 0
         self._idle_wait = MIN_IDLE_WAIT_S
         self._lost: set[str] = set()
+        self._unsent: list[Finish] = []
+        """Results not yet acknowledged by the store (sent again after a lost connection)."""
+        self._adopted: list[Claim] = []
+        """Claims committed while the connection broke, found again after it came back."""
+        counters.configure(store.settings.metrics)
 
     def _make_executors(self) -> Executors:
         return Executors(self.kinds, self.handlers)
@@ -83,34 +98,56 @@ class Worker:
             listen("tactician_workers")
         log.info("worker %s started: kinds=%s concurrency=%d", self.id, kinds, len(self._runners))
         next_beat = time.monotonic() + self.heartbeat_every
+        rejoin = False
         try:
             while True:
                 stopping = should_stop()
-                if stopping and not self._claimed:
+                if stopping and not self._claimed and not self._unsent:
                     break
-                claimed = self._finish_and_claim(self._collect(), [] if stopping else kinds)
-                self._wait(claimed)
-                if time.monotonic() >= next_beat:
-                    self._heartbeat()
-                    next_beat = time.monotonic() + self.heartbeat_every
+                try:
+                    if rejoin:
+                        self._rejoin(kinds)
+                        rejoin = False
+                        next_beat = time.monotonic() + self.heartbeat_every
+                    claimed = self._finish_and_claim(self._collect(), [] if stopping else kinds)
+                    self._wait(claimed)
+                    if time.monotonic() >= next_beat:
+                        self._heartbeat()
+                        next_beat = time.monotonic() + self.heartbeat_every
+                    counters.flush_due(self.store)
+                except StoreUnavailable as exc:
+                    self._wait_for_database(exc, should_stop)
+                    rejoin = True
         finally:
             for runner in self._runners:
                 runner.stop()
+            counters.flush(self.store)
             log.info(
                 "worker %s stopped: %d finished, %d refused", self.id, self.finished, self.refused
             )
 
     def _finish_and_claim(self, raw: list[RawResult], kinds: list[str]) -> int:
         """Report results and take new work for idle runners in one transaction."""
-        finishes = self._finishes(raw)
+        resent = len(self._unsent)
+        finishes = self._unsent + self._finishes(raw)
+        self._unsent = finishes  # until the store has answered
         idle = [r for r in self._runners if not r.busy] if kinds else []
         size = self.options.batch
         if not finishes and not idle:
             return 0
+        adopted = self._adopted[: len(idle) * size]
         accepted, claims = self.store.finish_and_claim(
-            self.id, finishes, self.kinds, kinds, len(idle) * size
+            self.id, finishes, self.kinds, kinds, len(idle) * size - len(adopted)
         )
+        self._unsent = []
+        del self._adopted[: len(adopted)]
+        accepted = [
+            ok or (i < resent and self._recorded_before(finishes[i]))
+            for i, ok in enumerate(accepted)
+        ]
         self._count(finishes, accepted)
+        counters.DEFAULT.claimed(claims)
+        claims = adopted + claims
         for claim in claims:
             self._claimed[claim.task_id] = claim
         for i, runner in enumerate(idle):
@@ -121,7 +158,15 @@ class Worker:
 
     def _job(self, claim: Claim) -> Job:
         timeout = self.kinds[claim.kind].timeout
-        return Job(claim.task_id, claim.token, claim.kind, claim.attempt, claim.payload, timeout)
+        return Job(
+            claim.task_id,
+            claim.token,
+            claim.kind,
+            claim.attempt,
+            claim.payload,
+            timeout,
+            claim.trace_context,
+        )
 
     def _wait(self, claimed: int) -> None:
         busy = [r.conn for r in self._runners if r.busy]
@@ -143,9 +188,7 @@ class Worker:
         return results
 
     def _report(self, raw: list[RawResult]) -> None:
-        finishes = self._finishes(raw)
-        if finishes:
-            self._count(finishes, self.store.finish(self.id, finishes, self.kinds))
+        self._unsent.extend(self._finishes(raw))  # sent with the next claim
 
     def _finishes(self, raw: list[RawResult]) -> list[Finish]:
         """Results as the store records them, each with its retry decision."""
@@ -192,7 +235,55 @@ class Worker:
                     finish.result.token,
                 )
 
-    def _heartbeat(self) -> None:
+    def _wait_for_database(self, exc: StoreUnavailable, should_stop: Callable[[], bool]) -> None:
+        """Wait for the database while the runners finish their tasks (their results wait in
+        `_unsent`; timeouts are still enforced). Told to stop meanwhile, give up with `exc`:
+        the tasks whose results are unreported run again once their leases expire."""
+        reconnect = getattr(self.store, "reconnect", None)
+        if reconnect is None:  # SQLite: no connection to lose; a busy timeout ends the run
+            raise exc
+        while not reconnect(OUTAGE_STEP_S):
+            self._unsent.extend(self._finishes(self._collect()))
+            if should_stop():
+                log.warning(
+                    "worker %s stops while the database is away; %d results unreported",
+                    self.id,
+                    len(self._unsent),
+                )
+                raise exc
+
+    def _rejoin(self, kinds: list[str]) -> None:
+        """Back after a lost connection: register again, learn which leases this worker still
+        holds (a result for a lease lost meanwhile is refused when sent), and adopt the tasks
+        claimed by a commit whose answer never came (its heartbeat would keep them forever)."""
+        self.store.register_worker(self.id, socket.gethostname(), os.getpid(), kinds)
+        reply = self._heartbeat()
+        known = set(self._claimed) | {c.task_id for c in self._adopted}
+        known |= {f.result.task_id for f in self._unsent}
+        for task_id in sorted(set(reply.held) - known):
+            task = self.store.get(task_id)
+            if task.lease_token == reply.held[task_id] and task.kind in self.kinds:
+                payload, token = json.dumps(task.payload), reply.held[task_id]
+                claim = Claim(task_id, task.kind, payload, token, task.attempt, task.trace_context)
+                self._adopted.append(claim)
+        log.warning(
+            "worker %s registered again after a database outage: %d results to send, "
+            "%d claims adopted, %d leases lost",
+            self.id,
+            len(self._unsent),
+            len(self._adopted),
+            len(self._lost),
+        )
+
+    def _recorded_before(self, finish: Finish) -> bool:
+        """A result sent again after an outage may have been committed the first time."""
+        r = finish.result
+        return any(
+            a.token == r.token and a.worker_id == self.id and a.outcome != "lost"
+            for a in self.store.attempts(r.task_id)
+        )
+
+    def _heartbeat(self) -> HeartbeatReply:
         reply = self.store.heartbeat(self.id)
         for task_id, claim in list(self._claimed.items()):
             if reply.held.get(task_id) != claim.token and task_id not in self._lost:
@@ -201,3 +292,4 @@ class Worker:
         for task_id in reply.cancel:
             for runner in self._runners:
                 self._report(runner.kill_job(task_id, "cancelled by an operator"))
+        return reply

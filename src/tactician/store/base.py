@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any
 
 from tactician.domain import (
     Attempt,
@@ -34,8 +34,11 @@ from tactician.ids import new_ids
 from tactician.plan.capacity import Candidate, CapacityView, KindLimits
 from tactician.plan.flow import Bucket, after_result, allowed_in_flight
 from tactician.settings import Settings
+from tactician.store.counters import CountersMixin
 from tactician.store.deadletters import DeadLetterMixin
+from tactician.store.drift import DriftMixin
 from tactician.store.governance import GovernanceMixin
+from tactician.store.mixin import Cursor
 from tactician.store.protocol import (
     Finish,
     HeartbeatReply,
@@ -51,6 +54,8 @@ from tactician.store.protocol import (
     ScheduleRow,
     TaskFilter,
 )
+from tactician.store.reports import ReportsMixin
+from tactician.store.sites import SitesMixin
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 NO_DUE = 1e15  # the EDF key of a task without a deadline: after every real one
@@ -59,12 +64,12 @@ TASK_COLUMNS = (
     "id, kind, payload, state, created_at, release_at, due_at, weight, estimate, attempt, "
     "tenant, source, idempotency_key, pool, units, concurrency_key, target, tags, run_at, "
     "lease_token, lease_expires_at, worker_id, last_error, last_traceback, cancel_requested, "
-    "finished_at"
+    "finished_at, trace_context"
 )
 INSERT_COLUMNS = (
     "id, kind, payload, state, created_at, release_at, due_at, due_sort, weight, estimate, "
     "max_attempts, tenant, source, idempotency_key, pool, units, concurrency_key, target, tags, "
-    "has_deps, rank, schedule"
+    "has_deps, rank, schedule, trace_context"
 )
 ACTIVE = "('leased', 'running')"
 _READY_COLUMNS = (
@@ -83,28 +88,16 @@ INTERVENTIONS = (
     "task.retried",
     "task.reprioritized",
     "approval.voted",
+    "drift.cleared",
 )
 """Audit actions a human takes: the manual interventions the metrics count."""
 # States a dependency can end in without succeeding: its dependents die too.
 FAILED_UPSTREAM = "('dead', 'cancelled', 'rejected', 'expired')"
 
 
-class Cursor(Protocol):
-    """What both DB-API cursors (sqlite3, psycopg) give us."""
-
-    @property
-    def rowcount(self) -> int: ...
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any: ...
-
-    def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> Any: ...
-
-    def fetchall(self) -> list[Any]: ...
-
-    def fetchone(self) -> Any: ...
-
-
-class SqlStore(GovernanceMixin, DeadLetterMixin):
+class SqlStore(
+    GovernanceMixin, DeadLetterMixin, DriftMixin, ReportsMixin, CountersMixin, SitesMixin
+):
     """Store logic over a DB-API connection; one instance per process, one thread."""
 
     dialect = "sql"
@@ -241,12 +234,22 @@ class SqlStore(GovernanceMixin, DeadLetterMixin):
     def metrics_snapshot(self) -> MetricsSnapshot:
         with self._read() as cur:
             now = self._now(cur)
-            cur.execute("SELECT state, pool, count(*) FROM tasks GROUP BY state, pool")
-            tasks = {(state, pool): int(n) for state, pool, n in cur.fetchall()}
+            # One scan of the tasks for the counts, the oldest ready task and the units in use.
             cur.execute(
-                "SELECT pool, min(release_at) FROM tasks WHERE state = 'ready' GROUP BY pool"
+                "SELECT state, pool, count(*), sum(units), min(release_at) FROM tasks "
+                "GROUP BY state, pool"
             )
-            oldest = {pool: max(0.0, now - float(at)) for pool, at in cur.fetchall()}
+            tasks: dict[tuple[str, str], int] = {}
+            oldest: dict[str, float] = {}
+            used: dict[str, int] = {}
+            for state, pool, n, units, first in cur.fetchall():
+                tasks[(state, pool)] = int(n)
+                if state == "ready":
+                    oldest[pool] = max(0.0, now - float(first))
+                elif state in ("leased", "running"):
+                    used[pool] = used.get(pool, 0) + int(units)
+            cur.execute("SELECT name, capacity FROM pools")
+            capacity = {name: None if cap is None else int(cap) for name, cap in cur.fetchall()}
             cur.execute(
                 "SELECT t.kind, a.outcome, count(*), sum(CASE WHEN a.attempt > 1 THEN 1 "
                 "ELSE 0 END), sum(CASE WHEN a.outcome = 'succeeded' THEN a.finished_at - "
@@ -274,6 +277,15 @@ class SqlStore(GovernanceMixin, DeadLetterMixin):
             interventions = {action: int(n) for action, n in cur.fetchall()}
             cur.execute("SELECT count(*) FROM audit_log WHERE action = 'access.refused'")
             refused = int(cur.fetchone()[0])
+            cur.execute(
+                "SELECT pool, sum(CASE WHEN state = 'succeeded' AND finished_at <= due_at "
+                "THEN 1 ELSE 0 END), count(*) FROM tasks WHERE due_at IS NOT NULL "
+                "AND state IN ('succeeded', 'dead', 'expired') GROUP BY pool"
+            )
+            deadlines: dict[tuple[str, str], int] = {}
+            for pool, met, ended in cur.fetchall():
+                deadlines[(pool, "met")] = int(met or 0)
+                deadlines[(pool, "missed")] = int(ended) - int(met or 0)
         return MetricsSnapshot(
             tasks=tasks,
             oldest_ready_age_s=oldest,
@@ -285,6 +297,9 @@ class SqlStore(GovernanceMixin, DeadLetterMixin):
             dead_letters=letters,
             interventions=interventions,
             refused=refused,
+            deadlines=deadlines,
+            units_used=used,
+            capacity=capacity,
         )
 
     def targets(self) -> list[TargetState]:
@@ -441,6 +456,18 @@ class SqlStore(GovernanceMixin, DeadLetterMixin):
     def count_state(self, state: str) -> int:
         with self._read() as cur:
             cur.execute("SELECT count(*) FROM tasks WHERE state = ?", (state,))
+            return int(cur.fetchone()[0])
+
+    def unstarted_from(self, source: str, limit: int) -> int:
+        """The source's tasks not started yet, counted up to `limit`: a bus source's
+        backpressure. Cheap however long the backlog: a partial index (0007), and a bound."""
+        with self._read() as cur:
+            cur.execute(
+                "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE source = ? AND state IN "
+                "('pending', 'awaiting_approval', 'ready', 'leased', 'retry_wait', 'deferred', "
+                "'held') LIMIT ?) AS counted",
+                (source, limit),
+            )
             return int(cur.fetchone()[0])
 
     def attempts(self, task_id: str) -> list[Attempt]:
@@ -778,7 +805,8 @@ class SqlStore(GovernanceMixin, DeadLetterMixin):
                     "updated_at = excluded.updated_at",
                     [(k, b.tokens, b.updated_at) for k, b in plan.buckets.items()],
                 )
-        return PlanReport(len(candidates), len(plan.starts), plan.blocked, plan.wake_in)
+        started = tuple(c.id for c in plan.starts)
+        return PlanReport(len(candidates), len(plan.starts), plan.blocked, plan.wake_in, started)
 
     def _capacity_view(
         self, cur: Cursor, candidates: list[Candidate], kinds: Mapping[str, KindSpec], now: float
@@ -910,6 +938,18 @@ class SqlStore(GovernanceMixin, DeadLetterMixin):
         with self._tx() as cur:
             return self._claim(cur, self._now(cur), worker_id, kinds, limit)
 
+    def trace_contexts(self, task_ids: Sequence[str]) -> dict[str, str]:
+        """The stored traceparent of each of these tasks that has one."""
+        if not task_ids:
+            return {}
+        clause, params = self._in("id", list(task_ids))
+        with self._read() as cur:
+            cur.execute(
+                f"SELECT id, trace_context FROM tasks WHERE {clause} AND trace_context IS NOT NULL",
+                params,
+            )
+            return {row[0]: row[1] for row in cur.fetchall()}
+
     def finish_and_claim(
         self,
         worker_id: str,
@@ -942,13 +982,13 @@ class SqlStore(GovernanceMixin, DeadLetterMixin):
             "lease_token = lease_token + 1, attempt = attempt + 1, started_at = ?, "
             "lease_expires_at = ? WHERE id IN (SELECT id FROM tasks WHERE state = 'leased' "
             f"AND {clause} ORDER BY rank, id LIMIT {int(limit)}{self._skip_locked()}) "
-            "RETURNING id, kind, payload, lease_token, attempt, rank",
+            "RETURNING id, kind, payload, lease_token, attempt, rank, trace_context",
             [worker_id, now, now + self.settings.lease_seconds, *params],
         )
         rows = cur.fetchall()
         # RETURNING keeps no order: hand the batch over in the planner's order.
         rows.sort(key=lambda row: (row[5], row[0]))
-        return [Claim._make(row[:5]) for row in rows]
+        return [Claim._make((*row[:5], row[6])) for row in rows]
 
     def heartbeat(self, worker_id: str) -> HeartbeatReply:
         """Extend this worker's leases; say which it still holds and which to cancel."""
@@ -1207,6 +1247,7 @@ def _task_row(task_id: str, task: NewTask, kind: KindSpec, now: float) -> tuple[
         1 if task.depends_on else 0,
         due_sort,
         task.schedule,
+        task.trace_context,
     )
 
 
@@ -1259,6 +1300,7 @@ def task_from_row(row: Sequence[Any], deps: tuple[str, ...] = ()) -> Task:
         last_traceback=row[23],
         cancel_requested=bool(row[24]),
         finished_at=row[25],
+        trace_context=row[26],
         depends_on=deps,
     )
 

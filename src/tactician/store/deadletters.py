@@ -11,18 +11,18 @@ would otherwise see other callers' tokens.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from tactician.errors import InvalidInput
 from tactician.govern.audit import Entry
 from tactician.govern.roles import SYSTEM, Actor
 from tactician.ids import new_ids
+from tactician.store.mixin import StoreMixin
 from tactician.store.protocol import DeadLetter
 
 if TYPE_CHECKING:
-    from tactician.store.base import Cursor
+    pass
 
 MAX_BODY_CHARS = 1_000_000
 MAX_REASON_CHARS = 1_000
@@ -70,19 +70,7 @@ def _one_line(value: object, what: str, limit: int) -> str:
     return line if len(line) <= limit else f"{line[: limit - 1]}…"
 
 
-class DeadLetterMixin:
-    if TYPE_CHECKING:
-
-        def _tx(self) -> AbstractContextManager[Cursor]: ...
-
-        def _read(self) -> AbstractContextManager[Cursor]: ...
-
-        def _now(self, cur: Cursor) -> float: ...
-
-        def _audit(
-            self, cur: Cursor, entries: Sequence[Entry], now: float | None = None
-        ) -> None: ...
-
+class DeadLetterMixin(StoreMixin):
     def dead_letter(
         self,
         source: str,

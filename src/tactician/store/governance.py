@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, cast
 
 from tactician.domain import Task, TaskState
@@ -33,25 +32,15 @@ from tactician.govern.records import (
     TokenRow,
 )
 from tactician.govern.roles import SYSTEM, Actor, Role
-
-if TYPE_CHECKING:
-    from tactician.store.base import Cursor
+from tactician.store.mixin import Cursor, StoreMixin
 
 AUDIT_PAGE = 5000
 OVERRIDES = ("pin", "run_now")
 WAITING = ("pending", "ready", "retry_wait", "awaiting_approval", "held")
 
 
-class GovernanceMixin:
-    dialect: str
-
+class GovernanceMixin(StoreMixin):
     if TYPE_CHECKING:
-
-        def _tx(self) -> AbstractContextManager[Cursor]: ...
-
-        def _read(self) -> AbstractContextManager[Cursor]: ...
-
-        def _now(self, cur: Cursor) -> float: ...
 
         def _get(self, cur: Cursor, task_id: str, *, for_update: bool = False) -> Task: ...
 
@@ -85,14 +74,17 @@ class GovernanceMixin:
             self._audit(cur, entries)
 
     def audit_records(
-        self, since: float | None = None, after_seq: int = 0
+        self, since: float | None = None, after_seq: int = 0, actions: Sequence[str] = ()
     ) -> Iterator[AuditRecord]:
-        """Records in chain order, read a page at a time."""
+        """Records in chain order (only those of `actions`, if given), a page at a time."""
         while True:
-            where, params = "seq > ?", [float(after_seq)]
+            where, params = "seq > ?", list[Any]([float(after_seq)])
             if since is not None:
                 where += " AND at >= ?"
                 params.append(since)
+            if actions:  # served by the index on (action, seq)
+                where += f" AND action IN ({', '.join('?' * len(actions))})"
+                params.extend(actions)
             with self._read() as cur:
                 cur.execute(
                     "SELECT seq, at, actor, action, subject, detail, prev_hash, hash "

@@ -16,6 +16,7 @@ from tactician.govern.records import (
     ApprovalRow,
     DecisionRow,
     Deployment,
+    Fallback,
     NewApproval,
     OutcomeOfTask,
     Override,
@@ -23,6 +24,7 @@ from tactician.govern.records import (
 )
 from tactician.govern.roles import Actor, Role
 from tactician.plan.capacity import Candidate, CapacityView, Plan
+from tactician.settings import Settings
 
 Planner = Callable[[list[Candidate], CapacityView, float, int], Plan]
 
@@ -93,6 +95,8 @@ class PlanReport:
     started: int = 0
     blocked: Mapping[str, str] = field(default_factory=dict)
     wake_in: float | None = None  # when a rate-limited task could start
+    started_ids: tuple[str, ...] = ()
+    """The tasks this pass granted capacity to (the plan span links to their traces)."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,13 @@ class MetricsSnapshot:
     """Audit action → count, for the actions a human takes (overrides, votes, holds...)."""
     refused: int
     """Mutations refused by role."""
+    deadlines: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    """(pool, met | missed) → tasks with a deadline that succeeded by it, or did not (succeeded
+    late, dead or expired)."""
+    units_used: Mapping[str, int] = field(default_factory=dict)
+    """pool → units held by leased and running tasks."""
+    capacity: Mapping[str, int | None] = field(default_factory=dict)
+    """pool → its declared capacity (None: unbounded)."""
 
 
 @dataclass(frozen=True)
@@ -229,7 +240,7 @@ class GovernanceStore(Protocol):
     def audit(self, *entries: Entry) -> None: ...
 
     def audit_records(
-        self, since: float | None = None, after_seq: int = 0
+        self, since: float | None = None, after_seq: int = 0, actions: Sequence[str] = ()
     ) -> Iterator[AuditRecord]: ...
 
     def audit_head(self) -> tuple[int, str]: ...
@@ -318,8 +329,37 @@ class GovernanceStore(Protocol):
     def finished_since(self, since: float) -> list[OutcomeOfTask]: ...
 
 
-class Store(GovernanceStore, DeadLetterStore, Protocol):
+class DriftStore(Protocol):
+    """The drift fallback's state; engaging and clearing each append their audit record."""
+
+    def fallback(self) -> Fallback | None: ...
+
+    def engage_fallback(
+        self, signal: str, reason: str, policy: str, detail: Mapping[str, Any]
+    ) -> Fallback | None:
+        """None when it was engaged already."""
+        ...
+
+    def clear_fallback(self, actor: Actor, reason: str) -> Fallback: ...
+
+
+class CountersStore(Protocol):
+    """The sums of what processes counted in memory (`tactician.observe.counters`)."""
+
+    def add_counters(self, rows: Sequence[tuple[str, str, str, float]]) -> None:
+        """Add (name, labels, bucket, delta) rows to the sums, in one transaction."""
+        ...
+
+    def counter_values(self) -> list[tuple[str, str, str, float]]: ...
+
+    def dispatch_delays(self, claims: Sequence[tuple[str, int]]) -> list[float]:
+        """Seconds each claimed (task id, attempt) had been ready (where still known)."""
+        ...
+
+
+class Store(GovernanceStore, DeadLetterStore, DriftStore, CountersStore, Protocol):
     url: str
+    settings: Settings
 
     def close(self) -> None: ...
 
@@ -431,6 +471,10 @@ class Store(GovernanceStore, DeadLetterStore, Protocol):
     ) -> None: ...
 
     def claim(self, worker_id: str, kinds: Sequence[str], limit: int) -> list[Claim]: ...
+
+    def trace_contexts(self, task_ids: Sequence[str]) -> dict[str, str]:
+        """The stored traceparent of each of these tasks that has one."""
+        ...
 
     def finish_and_claim(
         self,

@@ -14,7 +14,8 @@ from typing import Any
 
 from tactician.errors import InvalidInput, StoreUnavailable
 from tactician.settings import Settings
-from tactician.store.base import Cursor, SqlStore
+from tactician.store.base import SqlStore
+from tactician.store.mixin import Cursor
 
 BUSY_TIMEOUT_S = 30.0
 SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")

@@ -1,0 +1,198 @@
+"""`tactician ingest`: pull events from buses (Redis Streams, NATS JetStream, RabbitMQ, the
+PostgreSQL outbox) and commit them as tasks, until SIGTERM or Ctrl-C.
+
+The sources come from `--config FILE` (a `sources:` list) or, without it, from the live policy
+bundle's `sources:` section. Each source runs in a thread of its own with its own database
+connection. On SIGTERM each finishes the batch in hand (commit, ack) and the process exits 0.
+`register` adds the command to the `tactician` app.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from functools import partial
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from tactician.errors import InvalidInput
+from tactician.settings import Settings
+
+if TYPE_CHECKING:
+    from tactician.app import Tactician
+    from tactician.govern.sources import SourceSpec
+    from tactician.ingest.sources import Link
+
+log = logging.getLogger("tactician.ingest")
+
+ConfigOption = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        metavar="FILE",
+        help="A YAML file with a `sources:` list; default: the live policy bundle's sources.",
+    ),
+]
+SourceOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--source", metavar="NAME", help="Run only the source of this name (may be repeated)."
+    ),
+]
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help="Database URL (sqlite:///path.db or postgresql://…); "
+        "default $TACTICIAN_DB or sqlite:///tactician.db.",
+    ),
+]
+AppOption = Annotated[
+    str | None,
+    typer.Option(
+        "--app",
+        help="Your app as module:attribute, to register its task kinds (else the kinds its "
+        "workers registered in the database are used).",
+    ),
+]
+
+
+def register(cli: typer.Typer) -> None:
+    """Add `ingest` to the `tactician` app."""
+    cli.command("ingest")(ingest)
+
+
+def ingest(
+    config: ConfigOption = None,
+    source: SourceOption = None,
+    db: DbOption = None,
+    app: AppOption = None,
+) -> None:
+    """Pull events from the configured buses and commit them as tasks until SIGTERM/Ctrl-C."""
+    from tactician.ingest.sources import SourceRunner, read_sources, select_sources
+
+    settings = Settings.from_env(db=db)
+    _logging(settings)
+    declared = read_sources(config) if config else _bundle_sources(settings)
+    chosen = select_sources(declared, source or [])
+    if not chosen:
+        where = config or "the live policy bundle"
+        raise InvalidInput(f"no sources to run: {where} declares none")
+    outboxes = [spec.name for spec in chosen if spec.type == "outbox"]
+    if outboxes and not settings.db.startswith(("postgresql://", "postgres://")):
+        raise InvalidInput(
+            f"source {outboxes[0]}: an outbox needs Tactician on PostgreSQL (--db postgresql://…)"
+        )
+    template = _load_app(app) if app else None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    runners = [SourceRunner(spec, partial(link_for, spec, settings, template)) for spec in chosen]
+    crashed: list[str] = []
+
+    def run(runner: SourceRunner) -> None:
+        try:
+            runner.run(stop.is_set)
+        except BaseException:
+            log.exception("source %s: stopped by an unexpected error", runner.spec.name)
+            crashed.append(runner.spec.name)
+            stop.set()  # a half-running ingest would hide the fault: stop, exit non-zero
+
+    threads = [
+        threading.Thread(target=run, args=(r,), name=f"source-{r.spec.name}") for r in runners
+    ]
+    for spec in chosen:
+        log.info("source %s: %s, batch %d, max_pending %d", *_shown(spec))
+    for thread in threads:
+        thread.start()
+    # Joined in short waits: the main thread must stay free to run the signal handler.
+    while any(thread.is_alive() for thread in threads):
+        for thread in threads:
+            thread.join(0.2)
+    for runner in runners:
+        s = runner.stats
+        log.info(
+            "source %s: stopped after %d messages, %d tasks, %d dead letters, %d pauses",
+            runner.spec.name,
+            s.messages,
+            s.tasks,
+            s.dead_letters,
+            s.pauses,
+        )
+    if crashed:
+        raise typer.Exit(1)
+
+
+def link_for(spec: SourceSpec, settings: Settings, template: Tactician | None) -> Link:
+    """A fresh app (its own database connection) and the source's bus connection."""
+    from tactician.app import Tactician
+    from tactician.ingest.sources import Link, open_source
+    from tactician.observe import counters
+    from tactician.store.postgres import PostgresStore
+
+    app = Tactician(settings=settings)
+    if template is not None:
+        app.kinds.update(template.kinds)
+        app.pool_capacity.update(template.pool_capacity)
+    try:
+        store = app.store
+        database = (store.conn, store.url) if isinstance(store, PostgresStore) else None
+        bus = open_source(spec, database)
+    except BaseException:
+        app.close()
+        raise
+
+    def close() -> None:
+        counters.flush(store)
+        app.close()
+
+    return Link(
+        source=bus,
+        store=store,
+        submit=lambda tasks, actor: app.submit_many(tasks, actor),
+        templates=lambda: app.gate.policy().bundle.templates,
+        close=close,
+        tick=lambda: counters.flush_due(store),
+    )
+
+
+def _bundle_sources(settings: Settings) -> tuple[SourceSpec, ...]:
+    from tactician.app import Tactician
+
+    app = Tactician(settings=settings)
+    try:
+        return app.gate.policy().bundle.sources
+    finally:
+        app.close()
+
+
+def _load_app(path: str) -> Tactician:
+    from tactician.cli.main import load_app
+
+    return load_app(path)
+
+
+def _shown(spec: SourceSpec) -> tuple[str, str, int, int]:
+    from tactician.ingest.sources.base import redact_url
+
+    if spec.url is None:
+        bus = f"outbox rows with source = {spec.name!r}"
+    else:
+        where = spec.stream or spec.subject or spec.queue
+        bus = f"{spec.type} {redact_url(spec.url)} {where}"
+    return spec.name, bus, spec.batch_size, spec.max_pending
+
+
+def _logging(settings: Settings) -> None:
+    """Structured lines on stderr, as every long-running command writes them."""
+    from tactician.observe import counters
+    from tactician.observe.logs import Format, configure_logging
+
+    if settings.log_format not in ("json", "console"):
+        raise InvalidInput("TACTICIAN_LOG_FORMAT must be json or console")
+    fmt: Format = "json" if settings.log_format == "json" else "console"
+    configure_logging(settings.log_level, fmt)
+    logging.getLogger("pika").setLevel(logging.WARNING)  # a line per socket event at INFO
+    counters.configure(settings.metrics)
