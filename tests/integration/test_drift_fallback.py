@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tactician.app import Tactician
 from tactician.domain import NewTask, Result, TaskState
@@ -20,6 +21,7 @@ from tactician.errors import Conflict, Forbidden, InvalidInput
 from tactician.govern.policy import BundleError, parse_bundle
 from tactician.govern.roles import Actor, Role
 from tactician.observe.drift import DRIFT_ACTIONS
+from tactician.observe.metrics import metrics_text
 from tactician.plan.capacity import plan_starts
 from tactician.run.drift import DriftWatch
 from tactician.run.gate import Gate
@@ -104,6 +106,19 @@ def run(app: Tactician, planner: PlannerService, until: Callable[[], object]) ->
     return False
 
 
+def scraped(app: Tactician) -> tuple[dict[str, float], float]:
+    """Detections by signal, and whether the fallback is engaged, as /metrics says."""
+    text = metrics_text(app.store).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    detections = {
+        s.labels["signal"]: s.value
+        for s in families["tactician_drift_detections"].samples
+        if s.name.endswith("_total")
+    }
+    (engaged,) = families["tactician_drift_fallback_engaged"].samples
+    return detections, engaged.value
+
+
 def submit_work(app: Tactician, count: int, ms: float) -> list[str]:
     tasks = [NewTask("work", {"ms": ms}, estimate=MS / 1000.0) for _ in range(count)]
     return app.submit_many(tasks)
@@ -135,6 +150,7 @@ def test_doubled_run_times_engage_the_fallback_until_an_operator_clears_it(
     trail = [r for r in store.audit_records() if r.action.startswith("drift.")]
     assert [r.action for r in trail] == ["drift.detected", "drift.fallback"]
     assert trail[1].details["signal"] == "duration_error:work"
+    assert scraped(app) == ({"duration_error:work": 1.0}, 1.0)
     notices = store.list_tasks(TaskFilter(kind=NOTIFY_KIND))
     assert len(notices) == 1 and "drift detected: duration_error:work" in str(notices[0].payload)
 
@@ -166,6 +182,7 @@ def test_doubled_run_times_engage_the_fallback_until_an_operator_clears_it(
     trail = [r for r in store.audit_records() if r.action.startswith("drift.")]
     assert [r.action for r in trail] == ["drift.detected", "drift.fallback", "drift.cleared"]
     assert trail[-1].actor == "olga"
+    assert scraped(app) == ({"duration_error:work": 1.0}, 0.0)
     refused = [r for r in store.audit_records() if r.action == "access.refused"]
     assert [r.details["operation"] for r in refused] == ["drift.clear"]
 

@@ -123,6 +123,19 @@ class StoreCollector(Collector):
         yield CounterMetricFamily(
             "tactician_access_refused", "Mutations refused by role.", value=snap.refused
         )
+        drifts = CounterMetricFamily(
+            "tactician_drift_detections",
+            "Drifts detected, by signal (duration_error:<kind>, miss_rate, feature:<name>).",
+            labels=["signal"],
+        )
+        for signal, count in sorted(snap.drifts.items()):
+            drifts.add_metric([signal], count)
+        yield drifts
+        yield GaugeMetricFamily(
+            "tactician_drift_fallback_engaged",
+            "1 while a drift keeps the decision service on its conservative heuristic.",
+            value=float(snap.fallback),
+        )
         deadlines = CounterMetricFamily(
             "tactician_deadlines",
             "Tasks with a deadline that ended: met (succeeded by it) or missed (succeeded late, "

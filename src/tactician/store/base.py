@@ -278,6 +278,13 @@ class SqlStore(
             cur.execute("SELECT count(*) FROM audit_log WHERE action = 'access.refused'")
             refused = int(cur.fetchone()[0])
             cur.execute(
+                "SELECT subject, count(*) FROM audit_log WHERE action = 'drift.detected' "
+                "GROUP BY subject"
+            )
+            drifts = {str(signal): int(n) for signal, n in cur.fetchall()}
+            cur.execute("SELECT count(*) FROM drift_fallback")
+            fallback = int(cur.fetchone()[0]) > 0
+            cur.execute(
                 "SELECT pool, sum(CASE WHEN state = 'succeeded' AND finished_at <= due_at "
                 "THEN 1 ELSE 0 END), count(*) FROM tasks WHERE due_at IS NOT NULL "
                 "AND state IN ('succeeded', 'dead', 'expired') GROUP BY pool"
@@ -297,6 +304,8 @@ class SqlStore(
             dead_letters=letters,
             interventions=interventions,
             refused=refused,
+            drifts=drifts,
+            fallback=fallback,
             deadlines=deadlines,
             units_used=used,
             capacity=capacity,

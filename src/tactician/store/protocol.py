@@ -121,6 +121,10 @@ class MetricsSnapshot:
     """Audit action → count, for the actions a human takes (overrides, votes, holds...)."""
     refused: int
     """Mutations refused by role."""
+    drifts: Mapping[str, int] = field(default_factory=dict)
+    """Drift signal (duration_error:<kind>, miss_rate, feature:<name>) → detections so far."""
+    fallback: bool = False
+    """The drift fallback is engaged."""
     deadlines: Mapping[tuple[str, str], int] = field(default_factory=dict)
     """(pool, met | missed) → tasks with a deadline that succeeded by it, or did not (succeeded
     late, dead or expired)."""
