@@ -26,6 +26,7 @@ from tactician.errors import InvalidInput
 
 if TYPE_CHECKING:
     from tactician.decide.scorers import Scorer
+    from tactician.sim.agents_compare import AgentsSetup
     from tactician.sim.simulator import Calendar, SimResult
     from tactician.sim.workload import WorkloadTask
 
@@ -202,8 +203,108 @@ def simulate(
         Path | None,
         typer.Option(help="Write report.md and its plots into this directory."),
     ] = None,
+    agents: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Agents mode: spread the work over N sites and compare a central planner "
+            "with an agent deciding at each site (one policy; default ai).",
+        ),
+    ] = None,
+    site_key: Annotated[
+        str | None, typer.Option(help="Agents: the feature that says a task's site.")
+    ] = None,
+    site_capacity: Annotated[
+        list[str] | None,
+        typer.Option(help="Agents: pool=N at every site, or SITE:pool=N; repeatable."),
+    ] = None,
+    global_rate: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Agents: a rate shared by all sites, KIND=N/s|min|h[,burst=B] (burst: a "
+            "minute's worth); repeatable."
+        ),
+    ] = None,
+    global_pool: Annotated[
+        list[str] | None,
+        typer.Option(help="Agents: units of a pool shared by all sites, pool=N; repeatable."),
+    ] = None,
+    outage: Annotated[
+        list[str] | None,
+        typer.Option(help="Agents: SITE:START-END, a site's link down (e.g. s2:2h-3h)."),
+    ] = None,
+    random_outages: Annotated[
+        int, typer.Option(min=0, help="Agents: this many seeded outages at random sites.")
+    ] = 0,
+    outage_length: Annotated[
+        str, typer.Option(help="Agents: the length of each random outage.")
+    ] = "1h",
+    rtt: Annotated[
+        float, typer.Option(help="Agents: modelled round trip to the centre, seconds.")
+    ] = 0.05,
+    lease_ttl: Annotated[
+        str, typer.Option(help="Agents: how long a lease of global tokens lasts unrenewed.")
+    ] = "10m",
 ) -> None:
     """Run one workload through each policy on a virtual clock and compare the outcomes."""
+    agent_options = {
+        "--site-key": site_key,
+        "--site-capacity": site_capacity,
+        "--global-rate": global_rate,
+        "--global-pool": global_pool,
+        "--outage": outage,
+        "--random-outages": random_outages,
+    }
+    if agents is not None:
+        if report is not None:
+            raise InvalidInput("--report does not apply to --agents")
+        names = ["ai"] if policy == ALL_POLICIES else parse_policies(policy)
+        if len(names) != 1:
+            raise InvalidInput("--agents compares central and agents under one --policy")
+        from tactician.sim.agents import AgentsOptions
+        from tactician.sim.agents_compare import AgentsSetup
+        from tactician.sim.leases import parse_pools, parse_rate
+        from tactician.sim.sites import (
+            parse_duration,
+            parse_outage,
+            parse_site_capacity,
+            site_names,
+        )
+
+        sites = site_names(agents)
+        setup = AgentsSetup(
+            sites=agents,
+            options=AgentsOptions(
+                rates=dict(parse_rate(item) for item in global_rate or ()),
+                pools=parse_pools(global_pool or ()),
+                outages=tuple(parse_outage(item, sites) for item in outage or ()),
+                rtt=rtt,
+                lease_ttl=parse_duration(lease_ttl, "--lease-ttl"),
+            ),
+            site_key=site_key,
+            site_capacity=parse_site_capacity(site_capacity or (), sites) or None,
+            random_outages=random_outages,
+            outage_length=parse_duration(outage_length, "--outage-length"),
+            seed=seed,
+        )
+        _simulate_agents(
+            names[0],
+            setup,
+            as_json,
+            load_trace(
+                workload=workload,
+                scenario=scenario,
+                tasks=tasks,
+                seed=seed,
+                load=load,
+                capacity=parse_capacities(capacity),
+                train_fraction=train_fraction,
+            ),
+        )
+        return
+    given = [name for name, value in agent_options.items() if value]
+    if given:
+        raise InvalidInput(f"{given[0]} applies to --agents only")
     names = parse_policies(policy)
     if report is not None and report.exists() and not report.is_dir():
         raise InvalidInput(f"--report {report}: not a directory")
@@ -298,3 +399,62 @@ def _print_table(trace: Trace, metrics: dict[str, dict[str, Any]]) -> None:
             used,
         )
     out.print(table)
+
+
+def _simulate_agents(policy: str, setup: AgentsSetup, as_json: bool, trace: Trace) -> None:
+    """`simulate --agents N`: central and agents on the same workload (tactician.sim.agents)."""
+    from tactician.sim.agents_compare import compare
+    from tactician.sim.policies import get_policy
+
+    comparison = compare(
+        trace.tasks,
+        trace.capacity,
+        trace.calendar,
+        get_policy(policy),
+        setup,
+        history=trace.history,
+    )
+    if as_json:
+        comparison["workload"] = workload_summary(trace)
+        sys.stdout.write(json.dumps(comparison, sort_keys=True) + "\n")
+        return
+    _print_agents(trace, comparison)
+
+
+def _print_agents(trace: Trace, comparison: dict[str, Any]) -> None:
+    out = Console(highlight=False)
+    setup = comparison["setup"]
+    out.print(f"{trace.title}, policy {setup['policy']}", soft_wrap=True)
+    by = setup["site_key"] or "a hash of the task id"
+    for site in setup["sites"]:
+        serves = ", ".join(setup["site_groups"].get(site, ())) or "-"
+        units = ", ".join(f"{p} {n}" for p, n in setup["site_capacity"][site].items())
+        out.print(f"  {site}: {units}; {by} {serves}", soft_wrap=True)
+    for cut in setup["outages"]:
+        out.print(f"  outage: {cut['site']} {cut['start']:.0f}-{cut['end']:.0f} s", soft_wrap=True)
+    columns = ("done", "missed", "w. tardiness", "wait s", "ms p50/p99", "violations")
+    table = Table("mode", *columns, "outage cost")
+    for mode, figures in comparison["modes"].items():
+        latency = figures["decision_latency_ms"]
+        cost = figures["outage_cost"]
+        table.add_row(
+            mode,
+            f"{figures['completed']}/{figures['tasks']}",
+            str(figures["missed_deadlines"]),
+            f"{figures['weighted_tardiness']:.0f}",
+            f"{figures['mean_wait_s']:.0f}",
+            f"{latency['p50']:.2f}/{latency['p99']:.2f}",
+            str(figures["global_limit_violations"]),
+            "-"
+            if cost is None
+            else f"{cost['missed_deadlines']:+d} / {cost['weighted_tardiness']:+.0f}",
+        )
+    out.print(table)
+    fenced = ", ".join(f"{m} {f['runs']['fenced']}" for m, f in comparison["modes"].items())
+    out.print(
+        f"ms: decision latency, the CPU per planning pass measured here, plus for central a "
+        f"modelled round trip of {1000 * setup['rtt_s']:g} ms; violations: of the global "
+        "limits, by an independent check of what ran; outage cost: missed / weighted "
+        f"tardiness against the same mode without outages; attempts fenced: {fenced}",
+        soft_wrap=True,
+    )
