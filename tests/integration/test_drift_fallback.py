@@ -193,6 +193,22 @@ def test_doubled_run_times_engage_the_fallback_until_an_operator_clears_it(
     assert app.get(fix).state is TaskState.AWAITING_APPROVAL  # asked before: still a person's call
 
 
+def test_a_deploy_or_another_process_never_ends_the_fallback_unasked(app: Tactician) -> None:
+    planner = app.planner()
+    ranker = planner.ranker
+    assert isinstance(ranker, LiveRanker)
+    app.store.engage_fallback("miss_rate", "miss rate rose", "v1", {})  # by another planner
+    planner.tick()
+    assert (ranker.fallback, ranker.scorer.name) == ("miss_rate", "edf")
+    wspt = BUNDLE.replace("objective: {scorer: fifo}", "objective: {scorer: wspt}")
+    app.gate.deploy(ROOT, wspt, "wspt.yaml")
+    planner.tick()  # the gate hook follows the deploy; the drift watch engages again at once
+    assert (ranker.fallback, ranker.scorer.name) == ("miss_rate", "edf")
+    app.gate.clear_drift(OPERATOR, "fixed")
+    planner.tick()
+    assert (ranker.fallback, ranker.scorer.name) == (None, "wspt")
+
+
 def test_without_fallback_a_drift_is_only_recorded(app: Tactician) -> None:
     app.gate.deploy(ROOT, BUNDLE.replace("fallback: true", "fallback: false"), "b.yaml")
     planner = app.planner()

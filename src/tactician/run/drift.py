@@ -44,7 +44,7 @@ from tactician.store.protocol import OutcomeRow
 log = logging.getLogger("tactician.drift")
 
 WATCH_EVERY_S = 2.0
-"""How often the watch reads new outcomes (and follows a fallback cleared elsewhere)."""
+"""How often the watch reads new outcomes and the features of newly ranked tasks."""
 OUTCOMES_BATCH = 10_000
 HISTORY_FEATURES = ("kind_median_s", "kind_fail_rate")
 """Not watched by PSI: a running summary of the outcomes (in training it grew with the history;
@@ -69,12 +69,14 @@ class DriftWatch:
     _seen_rows: int = 0
 
     def __call__(self, now: float) -> int:
+        policy = self.gate.policy()
+        spec = policy.bundle.drift
+        # Every call (one small read): a deploy resets the ranker, and another process may
+        # have engaged or cleared the fallback; either way the next pass must rank as it says.
+        self._follow(self.gate.store.fallback(), spec)
         if now - self._at < self.every_s:
             return 0
         self._at = now
-        policy = self.gate.policy()
-        spec = policy.bundle.drift
-        self._follow(self.gate.store.fallback(), spec)
         if not spec.watch:
             self._since = None
             return 0
