@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tactician.app import Tactician
+from tactician.cli.options import DbOption, JsonOption, TokenOption
 from tactician.errors import InvalidInput
 from tactician.govern.audit import verify
 from tactician.govern.roles import Actor, Operation, parse_role
@@ -45,15 +46,6 @@ drift_cli = typer.Typer(
     help="Drift: the detections and the decision service's fallback.", no_args_is_help=True
 )
 
-DbOption = Annotated[
-    str | None,
-    typer.Option("--db", help="Database URL; default $TACTICIAN_DB or sqlite:///tactician.db."),
-]
-TokenOption = Annotated[
-    str | None,
-    typer.Option("--token", help="Act with this token (default $TACTICIAN_TOKEN)."),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 ReasonOption = Annotated[str, typer.Option("--reason", help="Why (recorded in the audit chain).")]
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from tactician.cli.options import DbOption
 from tactician.errors import InvalidInput
 from tactician.settings import Settings
 
@@ -39,14 +40,6 @@ SourceOption = Annotated[
     list[str] | None,
     typer.Option(
         "--source", metavar="NAME", help="Run only the source of this name (may be repeated)."
-    ),
-]
-DbOption = Annotated[
-    str | None,
-    typer.Option(
-        "--db",
-        help="Database URL (sqlite:///path.db or postgresql://…); "
-        "default $TACTICIAN_DB or sqlite:///tactician.db.",
     ),
 ]
 AppOption = Annotated[

@@ -17,10 +17,11 @@ from rich.table import Table
 
 from tactician.app import Tactician
 from tactician.cli.agent import register as register_agent
-from tactician.cli.govern import TokenOption, acting, authorized
+from tactician.cli.govern import acting, authorized
 from tactician.cli.govern import register as register_govern
 from tactician.cli.ingest import register as register_ingest
 from tactician.cli.models import register as register_models
+from tactician.cli.options import DbOption, JsonOption, TokenOption
 from tactician.cli.report import register as register_report
 from tactician.cli.simulate import CapacityOption, parse_capacities
 from tactician.cli.simulate import simulate as simulate_command
@@ -55,18 +56,9 @@ register_agent(cli)  # agent (edge sites), agent keygen, sites
 out = Console(highlight=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
-DbOption = Annotated[
-    str | None,
-    typer.Option(
-        "--db",
-        help="Database URL (sqlite:///path.db or postgresql://…); "
-        "default $TACTICIAN_DB or sqlite:///tactician.db.",
-    ),
-]
 AppOption = Annotated[
     str | None, typer.Option("--app", help="Your app as module:attribute, e.g. myapp.tasks:app.")
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def _open(db: str | None, app_path: str | None = None) -> Tactician:

@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tactician.cli.options import JsonOption, TokenOption
 from tactician.errors import InvalidInput
 from tactician.govern.roles import Actor
 from tactician.settings import Settings
@@ -34,13 +35,9 @@ models_cli = typer.Typer(
 )
 out = Console(highlight=False)
 
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 DbOption = Annotated[
     str | None,
     typer.Option("--db", help="The database whose audit chain records the change."),
-]
-TokenOption = Annotated[
-    str | None, typer.Option("--token", help="Act with this token (default $TACTICIAN_TOKEN).")
 ]
 ModelsDirOption = Annotated[
     str | None,
