@@ -208,19 +208,28 @@ class Agent:
         return accepted
 
     def lease_once(self) -> None:
-        """Top up the tokens of each global kind; hand back those of dropped leases."""
+        """Hold, of each global kind, the tokens the site's ready work can spend before the
+        next round: top up when short; holding more than that, give every lease back and take
+        what is needed (tokens a site holds count against the shared rate until given back or
+        expired, so idle ones would keep the other sites waiting). Spent and expired leases are
+        handed back on the way."""
         if self.bundle is None:
             return
         store = self.app.store
+        need = store.agent_need(list(self.bundle.global_limits))
         for kind, limit in sorted(self.bundle.global_limits.items()):
             now = store.db_now()
+            most = max(1, math.ceil(limit.per_second * self.options.sync_every * 2))
+            wanted = min(need.get(kind, 0), most)
             held, dropped = store.agent_tokens([kind], now)[kind]
-            want = max(1, math.ceil(limit.per_second * self.options.sync_every * 2))
-            if held >= want and not dropped:
+            if held > wanted:
+                dropped += store.agent_release(kind, now)
+                held = 0
+            if held >= wanted and not dropped:
                 continue
             body = {
                 "kind": kind,
-                "want": max(0, want - held),
+                "want": max(0, wanted - held),
                 "lease_s": self.options.lease_s,
                 "returns": [{"lease": lease, "unspent": n} for lease, n in dropped],
             }

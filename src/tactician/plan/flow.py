@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tactician.domain import TargetState
@@ -30,6 +31,39 @@ def take(bucket: Bucket, per_second: float, burst: float, now: float) -> Bucket 
     if filled.tokens < 1.0:
         return None
     return Bucket(filled.tokens - 1.0, now)
+
+
+def mint(
+    bucket: Bucket,
+    leases: Iterable[tuple[float, float]],
+    per_second: float,
+    burst: float,
+    now: float,
+) -> Bucket:
+    """A global rate's bucket at the centre, brought to `now`, when its tokens may also sit at
+    sites on lease. `leases` are (expires_at, amount) of the leases outstanding at the
+    bucket's `updated_at` (lent, not given back, not expired).
+
+    The centre mints only while the tokens that can still be spent, its own plus the leases',
+    are fewer than `burst`; a lease stops counting when it expires (its tokens count as spent:
+    an agent never spends after its lease, which it takes to end a margin early), so minting
+    resumes from that moment, not from the last call. Every token any site spends was minted
+    here, and at any instant at most `burst` can still be spent: the starts in any interval
+    [t1, t2] across all sites are at most `burst + per_second (t2 - t1)`, as for one bucket.
+    """
+    pending = sorted(leases)
+    out = sum(amount for _, amount in pending)
+    tokens, at = bucket.tokens, bucket.updated_at
+
+    def grown(until: float) -> float:
+        room = burst - tokens - out
+        return tokens + max(0.0, min(room, per_second * max(0.0, until - at)))
+
+    for expires_at, amount in pending:
+        if expires_at > now:
+            break
+        tokens, at, out = grown(expires_at), max(at, expires_at), out - amount
+    return Bucket(max(0.0, min(grown(now), burst - out)), max(at, now))
 
 
 # Adaptive concurrency: additive increase, multiplicative decrease (AIMD), as TCP does.

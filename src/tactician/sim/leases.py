@@ -1,13 +1,11 @@
 """Global limits lent to sites as leased tokens: the centre's books.
 
 **A global rate** (`per_second`, `burst`) is a token bucket whose tokens may sit at the centre
-or at the sites. The centre mints tokens at `per_second` while the tokens that exist (its own
-plus every unexpired lease's) are fewer than `burst`; a site spends one token per start, only
-before its lease expires, and gives back what it did not spend when it renews. A lease that
-expires unrenewed (a site cut off from the centre) destroys its tokens: the centre counts them
-no more and mints anew. So at every instant the tokens that can still be spent are at most
-`burst`, and the starts in any interval [t1, t2] are at most `burst + per_second (t2 - t1)`:
-the same bound a single bucket gives.
+or at the sites, minted by `tactician.plan.flow.mint` (the live centre's rule too): a site
+spends one token per start, only before its lease expires, and gives back what it did not spend
+when it renews. A lease that expires unrenewed (a site cut off from the centre) destroys its
+tokens: the centre counts them no more and mints anew. So the starts in any interval [t1, t2]
+are at most `burst + per_second (t2 - t1)`: the same bound a single bucket gives.
 
 **A shared pool** of `units` is lent as units: a site may hold a unit while its lease runs, in
 use or idle. It returns idle units it no longer needs; when its lease expires unrenewed the site
@@ -25,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tactician.errors import InvalidInput
+from tactician.plan.flow import Bucket, mint
 
 
 @dataclass
@@ -58,21 +57,20 @@ class RateLeases:
     def outstanding(self) -> int:
         return sum(lease.amount for lease in self.leases.values())
 
-    def _mint(self, until: float) -> None:
-        room = self.limit.burst - self.available - self.outstanding()
-        grown = self.limit.per_second * max(0.0, until - self.updated_at)
-        self.available += max(0.0, min(room, grown))
-        self.updated_at = max(self.updated_at, until)
-
     def advance(self, now: float) -> None:
         """Bring the books to `now`: mint, and drop the leases that expired on the way (their
         tokens are gone; minting resumes from the moment each expired)."""
-        for site, lease in sorted(self.leases.items(), key=lambda item: item[1].expires_at):
-            if lease.expires_at > now:
-                break
-            self._mint(lease.expires_at)
+        leases = [(lease.expires_at, lease.amount) for lease in self.leases.values()]
+        bucket = mint(
+            Bucket(self.available, self.updated_at),
+            leases,
+            self.limit.per_second,
+            self.limit.burst,
+            now,
+        )
+        self.available, self.updated_at = bucket.tokens, bucket.updated_at
+        for site in [s for s, lease in self.leases.items() if lease.expires_at <= now]:
             del self.leases[site]
-        self._mint(now)
 
     def give_back(self, site: str, unspent: int, now: float) -> None:
         """The site returns the tokens it did not spend; its lease ends."""

@@ -17,6 +17,7 @@ from typing import Any
 from tactician.errors import Conflict, InvalidInput
 from tactician.govern.audit import GENESIS, AuditRecord, Entry, record_hash
 from tactician.ids import new_ids
+from tactician.plan.flow import Bucket, mint
 from tactician.store.mixin import Cursor, StoreMixin
 
 AGENT_RATE_PER_S = 1e-12
@@ -181,9 +182,14 @@ class SitesMixin(StoreMixin):
         returns: Sequence[tuple[str, int]] = (),
     ) -> Lease:
         """Lend up to `want` tokens of `kind`'s global bucket to `site` for `lease_s` seconds,
-        after crediting back the unspent tokens of the site's earlier leases in `returns`
-        (lease id, unspent). The bucket is the shared limit: every token any site spends was
-        taken from it, so all sites together never exceed the rate."""
+        after taking back the site's earlier leases in `returns` (lease id, unspent): their
+        unspent tokens go back in the bucket, the rest count as spent.
+
+        The bucket mints by `tactician.plan.flow.mint`: only while its tokens and those out on
+        unexpired leases are fewer than `burst`, so every token any site spends was minted here
+        and all sites together start at most `burst + per_second * W` in any W seconds. A lease
+        that is never given back (a lost reply, a site cut off) counts as spent until it
+        expires."""
         if want < 0 or not math.isfinite(lease_s) or lease_s <= 0:
             raise InvalidInput("a lease needs want >= 0 and a positive duration")
         key = f"global:{kind}"
@@ -198,11 +204,18 @@ class SitesMixin(StoreMixin):
             lock = " FOR UPDATE" if self.dialect == "postgres" else ""
             cur.execute(f"SELECT tokens, updated_at FROM rate_buckets WHERE key = ?{lock}", (key,))
             tokens, updated = (float(x) for x in cur.fetchone())
-            tokens = min(burst, tokens + max(0.0, now - updated) * per_second)
+            cur.execute(
+                "SELECT expires_at, granted FROM site_leases WHERE kind = ? AND returned IS NULL "
+                "AND expires_at > ?",
+                (kind, updated),
+            )
+            out = [(float(r[0]), int(r[1])) for r in cur.fetchall()]
+            bucket = mint(Bucket(tokens, updated), out, per_second, burst, now)
+            tokens = bucket.tokens
             for lease_id, unspent in returns:
                 cur.execute(
-                    "SELECT granted FROM site_leases WHERE id = ? AND site = ? AND kind = ? "
-                    "AND returned IS NULL",
+                    "SELECT granted, expires_at FROM site_leases WHERE id = ? AND site = ? AND "
+                    "kind = ? AND returned IS NULL",
                     (lease_id, site, kind),
                 )
                 row = cur.fetchone()
@@ -210,9 +223,9 @@ class SitesMixin(StoreMixin):
                     continue  # returned already (a retried request), or not this site's
                 back = max(0, min(int(unspent), int(row[0])))
                 cur.execute("UPDATE site_leases SET returned = ? WHERE id = ?", (back, lease_id))
-                # Unspent tokens go back as if never taken, capped like any refill.
-                tokens = min(burst, tokens + back)
-            granted = max(0, min(want, math.floor(tokens)))
+                if float(row[1]) > now:  # expired, its tokens were counted as spent already
+                    tokens += back  # never past `burst`: the lease's whole amount leaves `out`
+            granted = max(0, min(want, math.floor(tokens + 1e-9)))
             tokens -= granted
             cur.execute(
                 "UPDATE rate_buckets SET tokens = ?, updated_at = ? WHERE key = ?",
@@ -284,6 +297,25 @@ class SitesMixin(StoreMixin):
                 result[kind] = self._settle(cur, kind, now)
         return result
 
+    def agent_release(self, kind: str, now: float) -> list[Any]:
+        """Give up every lease of `kind`: settle what was spent, empty the bucket; returns the
+        leases as (id, unspent) to hand back to the centre."""
+        with self._tx() as cur:
+            return self._settle(cur, kind, now, release=True)[1]
+
+    def agent_need(self, kinds: Sequence[str]) -> dict[str, int]:
+        """Ready tasks of each kind: what the site could start now with tokens in hand."""
+        if not kinds:
+            return {}
+        with self._read() as cur:
+            clause, params = self._in("kind", sorted(kinds))
+            cur.execute(
+                f"SELECT kind, count(*) FROM tasks WHERE state = 'ready' AND {clause} "
+                "GROUP BY kind",
+                params,
+            )
+            return {str(r[0]): int(r[1]) for r in cur.fetchall()}
+
     def agent_add_lease(self, lease: Lease, local_expires_at: float, now: float) -> None:
         with self._tx() as cur:
             self._settle(cur, lease.kind, now)
@@ -300,7 +332,9 @@ class SitesMixin(StoreMixin):
                     (lease.granted, f"kind:{lease.kind}"),
                 )
 
-    def _settle(self, cur: Cursor, kind: str, now: float) -> tuple[int, list[Any]]:
+    def _settle(
+        self, cur: Cursor, kind: str, now: float, *, release: bool = False
+    ) -> tuple[int, list[Any]]:
         key = f"kind:{kind}"
         cur.execute(
             "INSERT INTO rate_buckets (key, tokens, updated_at) VALUES (?, 0, ?) "
@@ -322,7 +356,7 @@ class SitesMixin(StoreMixin):
             use = min(spent, remaining)
             spent -= use
             remaining -= use
-            if expires_at <= now or remaining == 0:
+            if release or expires_at <= now or remaining == 0:
                 cur.execute("DELETE FROM agent_leases WHERE id = ?", (lease_id,))
                 dropped.append((lease_id, remaining))
                 held -= remaining + use
