@@ -240,12 +240,24 @@ def test_two_agents_one_cut_off_under_load(pg_url: str, tmp_path: Path) -> None:
                 *("--token", secret, "--site", site, "--public-key", str(public)),
                 *("--db", dbs[site], "--app", "edgeapp:app", "--sync-every", "0.2"),
                 *("--lease-s", "3"),
+                *(("--port", str(south_api)) if site == "south" else ()),
             ]
             return start(args, env, tmp_path / f"{site}.log")
 
+        local = {site: Tactician(settings=Settings(db=url)) for site, url in dbs.items()}
+        # South takes its local work through its own API (up while its link is cut), with a
+        # token of its own store; north's is written to its store directly.
+        south_api = free_port()
+        south_token = local["south"].gate.create_token(root, "south-ops", Role.OPERATOR)
         agents = {site: launch(site) for site in sites}
         stack.callback(lambda: [stop(p) for p in agents.values()])
-        local = {site: Tactician(settings=Settings(db=url)) for site, url in dbs.items()}
+        south = stack.enter_context(
+            httpx.Client(
+                base_url=f"http://127.0.0.1:{south_api}",
+                headers={"Authorization": f"Bearer {south_token}"},
+                timeout=5,
+            )
+        )
 
         def installed() -> bool:
             with contextlib.suppress(Exception):
@@ -256,6 +268,13 @@ def test_two_agents_one_cut_off_under_load(pg_url: str, tmp_path: Path) -> None:
             return False
 
         wait_until("both agents on the bundle", installed, 30)
+
+        def south_up() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                return south.get("/healthz").is_success
+            return False
+
+        wait_until("south's own API", south_up, 30)
         ids: dict[str, list[str]] = {site: [] for site in sites}
         risky: dict[str, str] = {}
         started = time.monotonic()
@@ -279,9 +298,13 @@ def test_two_agents_one_cut_off_under_load(pg_url: str, tmp_path: Path) -> None:
                 crashed = True
             if elapsed >= back_at and agents["north"].returncode is not None:
                 agents["north"] = launch("north")
-            for site, app in local.items():  # a crashed site's store still takes local work
-                tasks = [NewTask("call_api", {"n": batch * 5 + i}) for i in range(5)]
-                ids[site] += app.submit_many(tasks)
+            # A crashed site's store still takes local work.
+            tasks = [NewTask("call_api", {"n": batch * 5 + i}) for i in range(5)]
+            ids["north"] += local["north"].submit_many(tasks)
+            for task in tasks:
+                posted = south.post("/tasks", json={"kind": task.kind, "payload": task.payload})
+                assert posted.status_code == 201, posted.text
+                ids["south"].append(posted.json()["id"])
             batch += 1
             time.sleep(0.5)
         assert crashed and agents["north"].poll() is None

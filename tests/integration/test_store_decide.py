@@ -4,12 +4,14 @@ reprioritised at once; bad input changes nothing."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 
-from tactician.decide.scorers import get_scorer
+from tactician.decide.scorers import RankRequest, get_scorer
 from tactician.domain import KindSpec, NewTask, TaskState
 from tactician.errors import Conflict, InvalidInput, NotFound
 from tactician.plan.capacity import CapacityView, plan_starts
@@ -61,6 +63,25 @@ def test_equal_ranks_keep_the_deadline_order(store: SqlStore) -> None:
     store.plan(plan_starts, store.kinds(), lambda rows, view, at: [0.0] * len(rows))
     claimed = [store.claim("w1", ["job"], 1)[0].task_id for _ in ids]
     assert claimed == list(reversed(ids))
+
+
+def test_a_scorer_that_gives_no_rank_does_not_stop_the_planner(store: SqlStore) -> None:
+    """A NaN rank (a scorer's bug) would be stored as NULL and fail the planner's pass; the
+    live ranker puts such tasks last instead, and the pass starts everything that fits."""
+    ids = [submit(store) for _ in range(3)]
+    store.set_pool("p", 3)
+
+    class Broken:
+        name = "broken"
+        time_dependent = False
+
+        def rank(self, request: RankRequest) -> np.ndarray:
+            return np.array([math.nan, 1.0, 0.0][: len(request.rows)])
+
+    report = store.plan(plan_starts, store.kinds(), LiveRanker(Broken()))  # type: ignore[arg-type]
+    assert report.started == 3
+    claimed = [store.claim("w1", ["job"], 1)[0].task_id for _ in ids]
+    assert claimed == [ids[2], ids[1], ids[0]]
 
 
 def test_waiting_lists_what_has_not_started(store: SqlStore) -> None:

@@ -240,3 +240,22 @@ def test_learned_puts_the_urgent_first_and_sets_aside_what_cannot_be_on_time() -
     assert deadline.factor == "deadline" and "cannot be on time: set aside" in deadline.text
     relaxed_first = RankRequest(req.backlog, as_rows([2, 0, 1, 3]), 0.0, req.pools)
     assert "has slack" in scorer.explain(relaxed_first)[0].text
+
+
+@pytest.mark.parametrize("name", [*sorted(SCORERS), "learned"])
+def test_runs_measured_at_zero_seconds_still_rank(name: str) -> None:
+    """A kind whose runs all took 0 s (instant handlers, a clock's resolution) and a zero
+    estimate: every scorer gives every task a number (found by an agent restarted on its
+    history, whose planner stopped on a NaN rank)."""
+    history = KindHistory()
+    for _ in range(5):
+        history.record("k", 0.0)
+    tasks = [
+        st("a", 0, due=10.0),
+        st("b", 1),
+        st("c", 2, estimate=0.0, weight=0.0),
+    ]
+    for pools in ({"p": 1}, None):
+        scorer = Learned() if name == "learned" else get_scorer(name)
+        got = scorer.rank(request(tasks, 1.0, pools, history))
+        assert not np.isnan(got).any(), (pools, got)

@@ -44,12 +44,22 @@ def agent(
     concurrency: Annotated[int, typer.Option(min=1, help="Runners per worker.")] = 1,
     sync_every: Annotated[float, typer.Option(min=0.05, help="Seconds between syncs.")] = 0.5,
     lease_s: Annotated[float, typer.Option(min=1.0, help="Token lease length.")] = 10.0,
+    host: Annotated[str, typer.Option(help="The site's own API's address.")] = "127.0.0.1",
+    port: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="The site's own REST API and console (local events, approvals), "
+            "up with the link down; 0: none.",
+        ),
+    ] = 0,
 ) -> None:
     """Run this site: pull and verify the bundle, plan and run locally, sync to the centre."""
     if ctx.invoked_subcommand is not None:
         return
     from tactician.agent.process import Agent, AgentOptions
-    from tactician.cli.main import _logging, load_app
+    from tactician.cli.main import _logging, _serve_api, load_app
 
     missing = [
         n
@@ -79,6 +89,8 @@ def agent(
         sync_every=sync_every,
         lease_s=lease_s,
     )
+    if port:
+        _serve_api(the_app.settings, host, port)
     Agent(the_app, options).run()
 
 

@@ -35,6 +35,9 @@ BASE_FEATURES = (
 )
 """Static columns every task has, before its own `features`."""
 CATEGORICAL_BASE = ("kind",)
+MIN_DURATION_S = 1e-3
+"""The shortest run a scorer assumes: a kind whose runs all measured 0 s (a clock's
+resolution) must not make duration ratios 0/0."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,10 +282,11 @@ class Backlog:
 
     def fallback_duration(self, rows: npt.NDArray[np.int64], default: float) -> Array:
         """The duration a scorer assumes without a model: the estimate, else the kind's
-        median at submission, else `default`."""
+        median at submission, else `default`; never under `MIN_DURATION_S`."""
         estimate = self.estimate[rows]
         median = self.static[rows, BASE_FEATURES.index("kind_median_s")]
-        return np.where(np.isnan(estimate), np.where(np.isnan(median), default, median), estimate)
+        found = np.where(np.isnan(estimate), np.where(np.isnan(median), default, median), estimate)
+        return np.maximum(found, MIN_DURATION_S)
 
 
 def payload_features(payload: Mapping[str, object]) -> dict[str, FeatureValue]:

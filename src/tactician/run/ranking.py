@@ -34,7 +34,7 @@ from tactician.decide.features import (
 )
 from tactician.decide.learned import Learned, Objective
 from tactician.decide.predictors import ModelSet
-from tactician.decide.scorers import PoolView, RankRequest, Scorer, get_scorer
+from tactician.decide.scorers import LAST, PoolView, RankRequest, Scorer, get_scorer
 from tactician.decide.service import Snapshot, confidence, spread_confidence
 from tactician.govern.approvals import RuleSpec
 from tactician.govern.compare import in_experiment
@@ -269,6 +269,14 @@ class LiveRanker:
         rows = self.rows_of(ready)
         request = RankRequest(self.backlog, rows, now, self.pools(view))
         ranks = self.scorer.rank(request)
+        unranked = np.isnan(ranks)
+        if unranked.any():  # a scorer's bug must not stop the planner: those tasks go last
+            log.warning(
+                "scorer %s gave %d tasks no rank (NaN): they go last",
+                self.scorer.name,
+                int(unranked.sum()),
+            )
+            ranks = np.where(unranked, LAST, ranks)
         counters.first_decisions(self.backlog, rows)  # once a task, with its predictions
         if self.experiment is not None and self.fallback is None:
             ranks = self._split(ready, request, ranks)
