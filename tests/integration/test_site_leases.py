@@ -11,6 +11,9 @@ from __future__ import annotations
 import random
 import time
 
+from tactician.domain import KindSpec, NewTask
+from tactician.domain import RateLimit as DomainRate
+from tactician.plan.capacity import plan_starts
 from tactician.sim.checks import rate_violations
 from tactician.sim.leases import RateLimit
 from tests.integration.driving import Opener
@@ -95,3 +98,20 @@ def test_given_back_tokens_return_at_once_and_expired_ones_are_minted_anew(
             break
         time.sleep(0.03)
     assert asks[0] < gone.expires_at <= asks[-1]
+
+
+def test_the_centres_own_planner_draws_on_the_same_rate(opener: Opener) -> None:
+    """Once sites lease a kind's global rate, the centre's own work of that kind takes its
+    tokens from that bucket too, not from a bucket of its own beside it."""
+    store = opener()
+    store.register_kinds([KindSpec(KIND, pool="p", rate=DomainRate(10.0, 2.0))])
+    store.set_pool("p", 100)
+    store.submit([NewTask(KIND) for _ in range(5)], store.kinds())
+    north = store.lease_tokens("north", KIND, 2, 10.0, 2.0, 60.0)
+    assert north.granted == 2  # the whole burst is out at the site
+    assert store.plan(plan_starts, store.kinds()).started == 0
+    store.lease_tokens("north", KIND, 0, 10.0, 2.0, 60.0, [(north.id, 2)])  # given back unspent
+    assert store.plan(plan_starts, store.kinds()).started == 2  # the burst, and no more
+    # What the centre took counts: the next site gets only what was minted since.
+    south = store.lease_tokens("south", KIND, 2, 10.0, 2.0, 60.0)
+    assert south.granted < 2

@@ -782,7 +782,7 @@ class SqlStore(
             if not rows:
                 return PlanReport()
             candidates = [Candidate(*row[:7]) for row in rows]
-            view, targets = self._capacity_view(cur, candidates, kinds, now)
+            view, targets, shared = self._capacity_view(cur, candidates, kinds, now)
             if ranker is not None:
                 candidates = _reranked(candidates, ranker(rows, view, now))
             plan = planner(candidates, view, now, room)
@@ -812,15 +812,17 @@ class SqlStore(
                     "INSERT INTO rate_buckets (key, tokens, updated_at) VALUES (?, ?, ?) "
                     "ON CONFLICT (key) DO UPDATE SET tokens = excluded.tokens, "
                     "updated_at = excluded.updated_at",
-                    [(k, b.tokens, b.updated_at) for k, b in plan.buckets.items()],
+                    [(shared.get(k, k), b.tokens, b.updated_at) for k, b in plan.buckets.items()],
                 )
         started = tuple(c.id for c in plan.starts)
         return PlanReport(len(candidates), len(plan.starts), plan.blocked, plan.wake_in, started)
 
     def _capacity_view(
         self, cur: Cursor, candidates: list[Candidate], kinds: Mapping[str, KindSpec], now: float
-    ) -> tuple[CapacityView, dict[str, TargetState]]:
-        """What is in use, read only for the pools, keys and targets that can block someone."""
+    ) -> tuple[CapacityView, dict[str, TargetState], dict[str, str]]:
+        """What is in use, read only for the pools, keys and targets that can block someone;
+        and the kinds' buckets that are a global rate shared with edge sites (the planner's
+        key → the shared bucket's key, where what it takes goes back)."""
         cur.execute("SELECT name, capacity FROM pools")
         capacity = {row[0]: row[1] for row in cur.fetchall()}
         bounded = sorted({c.pool for c in candidates if capacity.get(c.pool) is not None})
@@ -870,11 +872,13 @@ class SqlStore(
             if k.rate is not None
         }
         buckets: dict[str, Bucket] = {}
+        shared: dict[str, str] = {}
         if limits:
             cur.execute("SELECT key, tokens, updated_at FROM rate_buckets")
             buckets = {row[0]: Bucket(row[1], row[2]) for row in cur.fetchall()}
+            shared = self._shared_rates(cur, limits, buckets, now)
         view = CapacityView(capacity, used, busy, in_flight, allowed, buckets, limits)
-        return view, targets
+        return view, targets, shared
 
     # --- schedules ------------------------------------------------------------------------
 

@@ -10,13 +10,14 @@ whole or not at all, and a batch sent twice (a lost reply) changes nothing the s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tactician.errors import Conflict, InvalidInput
 from tactician.govern.audit import GENESIS, AuditRecord, Entry, record_hash
 from tactician.ids import new_ids
+from tactician.plan.capacity import KindLimits
 from tactician.plan.flow import Bucket, mint
 from tactician.store.mixin import Cursor, StoreMixin
 
@@ -201,17 +202,7 @@ class SitesMixin(StoreMixin):
                 "ON CONFLICT (key) DO NOTHING",
                 (key, burst, now),
             )
-            lock = " FOR UPDATE" if self.dialect == "postgres" else ""
-            cur.execute(f"SELECT tokens, updated_at FROM rate_buckets WHERE key = ?{lock}", (key,))
-            tokens, updated = (float(x) for x in cur.fetchone())
-            cur.execute(
-                "SELECT expires_at, granted FROM site_leases WHERE kind = ? AND returned IS NULL "
-                "AND expires_at > ?",
-                (kind, updated),
-            )
-            out = [(float(r[0]), int(r[1])) for r in cur.fetchall()]
-            bucket = mint(Bucket(tokens, updated), out, per_second, burst, now)
-            tokens = bucket.tokens
+            tokens = self._global_bucket(cur, kind, per_second, burst, now).tokens
             for lease_id, unspent in returns:
                 cur.execute(
                     "SELECT granted, expires_at FROM site_leases WHERE id = ? AND site = ? AND "
@@ -238,6 +229,46 @@ class SitesMixin(StoreMixin):
                 (lease_id, site, kind, granted, now, now + lease_s),
             )
             return Lease(lease_id, kind, granted, now + lease_s)
+
+    def _shared_rates(
+        self, cur: Cursor, limits: Mapping[str, KindLimits], buckets: dict[str, Bucket], now: float
+    ) -> dict[str, str]:
+        """The centre's own planner draws a kind's rate from the global bucket once sites
+        lease it: `buckets["kind:K"]` becomes that bucket, minted to `now` like a lease (the
+        row locked until the pass ends). Returns "kind:K" → "global:K" for the write-back."""
+        shared = {
+            f"kind:{kind}": f"global:{kind}"
+            for kind, limit in limits.items()
+            if limit.rate_per_second is not None and f"global:{kind}" in buckets
+        }
+        for key, global_key in shared.items():
+            limit = limits[key.removeprefix("kind:")]
+            assert limit.rate_per_second is not None
+            buckets[key] = self._global_bucket(
+                cur,
+                global_key.removeprefix("global:"),
+                limit.rate_per_second,
+                limit.rate_burst,
+                now,
+            )
+        return shared
+
+    def _global_bucket(
+        self, cur: Cursor, kind: str, per_second: float, burst: float, now: float
+    ) -> Bucket:
+        """The global bucket of `kind`, minted to `now` and locked for this transaction."""
+        lock = " FOR UPDATE" if self.dialect == "postgres" else ""
+        cur.execute(
+            f"SELECT tokens, updated_at FROM rate_buckets WHERE key = ?{lock}", (f"global:{kind}",)
+        )
+        tokens, updated = (float(x) for x in cur.fetchone())
+        cur.execute(
+            "SELECT expires_at, granted FROM site_leases WHERE kind = ? AND returned IS NULL "
+            "AND expires_at > ?",
+            (kind, updated),
+        )
+        out = [(float(r[0]), int(r[1])) for r in cur.fetchall()]
+        return mint(Bucket(tokens, updated), out, per_second, burst, now)
 
     def sites(self) -> list[SiteRow]:
         with self._read() as cur:
