@@ -118,6 +118,10 @@ class Agent:
         self.link = link or Link(options)
         self.public_key = load_public_key(options.public_key)
         self.bundle: Bundle | None = None
+        self.unreturned: dict[str, list[Any]] = {}
+        """Leases given up here whose return the centre has not heard yet (link down): sent
+        again with the next request, so their unspent tokens are lent again before they
+        expire."""
 
     @property
     def saved_bundle(self) -> Path:
@@ -225,6 +229,7 @@ class Agent:
             if held > wanted:
                 dropped += store.agent_release(kind, now)
                 held = 0
+            dropped = self.unreturned.pop(kind, []) + dropped
             if held >= wanted and not dropped:
                 continue
             body = {
@@ -234,7 +239,11 @@ class Agent:
                 "returns": [{"lease": lease, "unspent": n} for lease, n in dropped],
             }
             sent_at = store.db_now()
-            answer = self.link.lease(body)
+            try:
+                answer = self.link.lease(body)
+            except LinkDown:
+                self.unreturned[kind] = dropped
+                raise
             lease = Lease(answer["lease"], kind, int(answer["granted"]), 0.0)
             expires = sent_at + float(answer["expires_in"]) - self.options.lease_margin_s
             store.agent_add_lease(lease, expires, store.db_now())

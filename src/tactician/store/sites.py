@@ -223,11 +223,12 @@ class SitesMixin(StoreMixin):
                 (tokens, now, key),
             )
             (lease_id,) = new_ids(1, now)
-            cur.execute(
-                "INSERT INTO site_leases (id, site, kind, granted, created_at, expires_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (lease_id, site, kind, granted, now, now + lease_s),
-            )
+            if granted:  # an empty answer leaves no row behind
+                cur.execute(
+                    "INSERT INTO site_leases (id, site, kind, granted, created_at, expires_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (lease_id, site, kind, granted, now, now + lease_s),
+                )
             return Lease(lease_id, kind, granted, now + lease_s)
 
     def _shared_rates(
