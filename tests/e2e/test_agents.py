@@ -45,6 +45,10 @@ approvals:
   - name: risky-needs-a-person
     match: {{kinds: [risky]}}
     approvers: {{roles: [approver]}}
+  - name: routine-goes-ahead-offline
+    match: {{kinds: [routine]}}
+    approvers: {{roles: [approver]}}
+    offline: approve
 """
 APP = """import json, os, time
 from tactician import Tactician
@@ -62,6 +66,12 @@ def call_api(n: int) -> None:
 def risky(n: int) -> None:
     with open(os.environ["EDGE_LOG"], "a") as log:
         log.write(json.dumps({"risky": n, "at": time.time()}) + "\\n")
+
+
+@app.task(name="routine", retries=0)
+def routine(n: int) -> None:
+    with open(os.environ["EDGE_LOG"], "a") as log:
+        log.write(json.dumps({"routine": n, "at": time.time()}) + "\\n")
 """
 
 
@@ -240,6 +250,9 @@ def test_two_agents_one_cut_off_under_load(pg_url: str, tmp_path: Path) -> None:
                 *("--token", secret, "--site", site, "--public-key", str(public)),
                 *("--db", dbs[site], "--app", "edgeapp:app", "--sync-every", "0.2"),
                 *("--lease-s", "3"),
+                # South follows the rules' offline fallbacks 2 s into its cut; north, whose
+                # link only dies with its crash, would wait 10 minutes.
+                *("--offline-after", "2" if site == "south" else "600"),
                 *(("--port", str(south_api)) if site == "south" else ()),
             ]
             return start(args, env, tmp_path / f"{site}.log")
@@ -280,6 +293,7 @@ def test_two_agents_one_cut_off_under_load(pg_url: str, tmp_path: Path) -> None:
         started = time.monotonic()
         for site, app in local.items():
             (risky[site],) = app.submit_many([NewTask("risky", {"n": 0})])
+        (routine,) = local["south"].submit_many([NewTask("routine", {"n": 0})])
         cut_at, restored = 1.5, 6.0
         crash_at, back_at = 2.5, 3.5  # north, while south is cut off
         crashed = False
@@ -320,6 +334,30 @@ def test_two_agents_one_cut_off_under_load(pg_url: str, tmp_path: Path) -> None:
             )
 
         wait_until("every task to succeed", all_done, 60)
+        # Cut off past --offline-after, south approved its routine task in its own name.
+        wait_until(
+            "south's offline fallback", lambda: _state(local["south"], routine) == "succeeded", 30
+        )
+        # An approver at the centre answers north's risky task; the vote reaches north with a
+        # sync reply and goes through north's own gate.
+        approver = centre.gate.create_token(root, "ann", Role.APPROVER)
+        signed = {"Authorization": f"Bearer {approver}"}
+        path = "/sites/north/approvals"
+
+        def listed_at_centre() -> bool:
+            rows = client.get(path, headers=signed).json()
+            return any(r["task_id"] == risky["north"] for r in rows)
+
+        wait_until("north's approval seen at the centre", listed_at_centre, 30)
+        voted = client.post(
+            f"{path}/{risky['north']}", headers=signed, json={"verdict": "approve", "reason": "ok"}
+        )
+        assert voted.status_code == 202, voted.text
+        wait_until(
+            "north's approved task to run",
+            lambda: _state(local["north"], risky["north"]) == "succeeded",
+            30,
+        )
 
         def synced() -> bool:
             rows = {
@@ -354,15 +392,19 @@ def test_two_agents_one_cut_off_under_load(pg_url: str, tmp_path: Path) -> None:
     # Nothing lost: every task ran. South ran each exactly once; north at most once more the
     # task its one runner had in hand when it was killed (at-least-once).
     handled: list[tuple[str, float]] = []
-    for site, app in local.items():
+    for site in local:
         lines = [json.loads(x) for x in (tmp_path / f"{site}.jsonl").read_text().splitlines()]
         runs = sorted(x["n"] for x in lines if "n" in x)
         assert sorted(set(runs)) == list(range(PER_SITE)), site
         assert len(runs) - PER_SITE <= (1 if site == "north" else 0), (site, runs)
         handled += [(ids[site][x["n"]], x["at"]) for x in lines if "n" in x]
-        # The task that needs approval waits: never run unapproved.
-        assert not [x for x in lines if "risky" in x]
-        assert app.get(risky[site]).state.value == "awaiting_approval"
+        # The task that needs a person: south's waits (its rule holds offline), north's ran
+        # once, after the approver's vote at the centre.
+        assert len([x for x in lines if "risky" in x]) == (1 if site == "north" else 0)
+        assert len([x for x in lines if "routine" in x]) == (1 if site == "south" else 0)
+    assert _state(local["south"], risky["south"]) == "awaiting_approval"
+    fallback = local["south"].store.approval(routine)
+    assert fallback.state == "approved" and "offline fallback" in (fallback.reason or "")
     # The shared rate, in every window: both sites' grants (from their own audit chains)
     # together never exceed burst + rate x W in any W seconds.
     granted: dict[str, list[float]] = {}
@@ -399,6 +441,10 @@ def test_two_agents_one_cut_off_under_load(pg_url: str, tmp_path: Path) -> None:
         assert mirrored == [(r.seq, r.hash) for r in chain], site
         app.close()
     centre.close()
+
+
+def _state(app: Tactician, task: str) -> str:
+    return str(app.get(task).state.value)
 
 
 def _seen(client: httpx.Client, token: str) -> dict[str, float]:

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from tactician.domain import RateLimit
 from tactician.errors import InvalidInput
+from tactician.govern.approvals import RuleSpec
 from tactician.govern.policy import (
     DEFAULT_BUNDLE,
     ApprovalRule,
@@ -19,6 +20,7 @@ from tactician.govern.policy import (
     diff_bundles,
     parse_bundle,
 )
+from tactician.run.gate import rule_spec
 
 FULL = """\
 name: incidents-prod
@@ -354,6 +356,10 @@ BAD = {
         RULE + "    on_expiry: maybe\n",
         "7: approvals[0].on_expiry: must be one of 'reject' or 'approve', not 'maybe'",
     ),
+    "bad offline": (
+        RULE + "    offline: later\n",
+        "7: approvals[0].offline: must be one of 'hold', 'approve' or 'reject', not 'later'",
+    ),
     "approvals not a list": ("name: t\napprovals: {a: 1}\n", "2: approvals: must be a list"),
     "duplicate template name": (
         TEMPLATE + "  - {name: a, source: s, task: {kind: k}}\n",
@@ -386,6 +392,15 @@ BAD = {
     ),
     "int key": ("name: t\npools:\n  5: 3\n", "3: pools.5: key must be text (put it in quotes)"),
 }
+
+
+@pytest.mark.parametrize("offline", ["hold", "approve", "reject"])
+def test_an_edge_site_holds_approves_or_rejects_while_offline(offline: str) -> None:
+    bundle = parse_bundle(RULE + f"    offline: {offline}\n")
+    spec = rule_spec(bundle.approvals[0])
+    assert spec.offline == offline
+    assert RuleSpec.from_json(spec.to_json()) == spec  # as kept in each approval it opens
+    assert parse_bundle(RULE).approvals[0].offline == "hold"
 
 
 @pytest.mark.parametrize(("text", "expected"), list(BAD.values()), ids=list(BAD))

@@ -4,8 +4,11 @@ The agent runs the ordinary `Tactician` (same decide, gate and plan code) on its
 file. At start it pulls the bundle and checks it (tactician.agent.bundle); unreachable, it
 falls back to the last bundle it verified, checked again. The live policy of the bundle is
 deployed in the local store, so its approval rules apply here exactly as at the centre: a task
-an approval rule matches waits in `awaiting_approval` and never runs unapproved (the local
-approval expires as the rule says; an `offline: approve` fallback is not acted on yet).
+an approval rule matches waits in `awaiting_approval` and never runs unapproved. An approver
+signed in at the centre answers it there: the vote comes with a sync reply and is applied
+through the local gate (tactician.agent.approvals). Cut off from the centre for
+`offline_after_s`, the site follows each rule's `offline` fallback: hold (the approval still
+expires as the rule says), or approve or reject in the site's name, audited.
 
 A link process, separate from the planner and the workers, syncs the local audit chain (every
 decision, outcome and transition) to the centre and leases global-limit tokens, with backoff
@@ -29,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from tactician.agent.approvals import after_sync, offline_fallback, reports_json, vote_reports
 from tactician.agent.bundle import Bundle, BundleRefused, load_public_key, verify
 from tactician.app import Tactician
 from tactician.domain import RateLimit
@@ -62,6 +66,9 @@ class AgentOptions:
     """Taken off a lease's expiry at the agent: clocks and latency never make it spend late."""
     max_backoff_s: float = 5.0
     timeout_s: float = 5.0
+    offline_after_s: float = 30.0
+    """Without a successful sync for this long, the site counts as offline: no approver can
+    answer, and the approval rules' `offline` fallbacks apply (tactician.agent.approvals)."""
 
 
 class Link:
@@ -204,9 +211,13 @@ class Agent:
                 "unsynced": rest,
                 "oldest_unsynced_at": batch[-1].at if rest > 0 and batch else None,
             }
+            reports = vote_reports(self.app)
+            if reports:  # only then: a centre without site votes takes the body as before
+                body["votes_applied"] = reports_json(reports)
             answer = self.link.sync(body)
             store.agent_ack(int(answer["acked_seq"]))
             accepted += int(answer["accepted"])
+            after_sync(self.app, reports, answer)  # the centre's votes, through the local gate
             if rest <= 0:
                 break
         return accepted
@@ -249,23 +260,33 @@ class Agent:
             store.agent_add_lease(lease, expires, store.db_now())
 
     def run_link(self, stop: threading.Event | None = None) -> None:
-        """Sync and lease until stopped; back off while the centre cannot be reached."""
+        """Sync and lease until stopped; back off while the centre cannot be reached, and once
+        it has not been reached for `offline_after_s`, apply the approval rules' offline
+        fallbacks."""
         if stop is None:
             stop = threading.Event()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: stop.set() if stop else None)
         wait = self.options.sync_every
+        clock = self.app.gate.clock
+        reached = clock.now()  # the last successful sync; the link starts out counting as up
         while not stop.is_set():
+            offline_s = None
             try:
                 self.lease_once()
                 self.sync_once()
+                reached = clock.now()
                 wait = self.options.sync_every
             except LinkDown as exc:
                 log.warning("%s: retrying in %.1fs", exc.message, wait)
                 wait = min(self.options.max_backoff_s, wait * 2)
+                offline_s = clock.now() - reached
             except TacticianError as exc:
                 log.error("link: %s", exc.message)
                 wait = min(self.options.max_backoff_s, wait * 2)
+                offline_s = clock.now() - reached  # refused: no vote comes through either
+            if offline_s is not None and offline_s >= self.options.offline_after_s:
+                offline_fallback(self.app, self.options.site, offline_s)
             stop.wait(wait)
 
     def run(self) -> None:

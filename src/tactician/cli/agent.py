@@ -44,6 +44,14 @@ def agent(
     concurrency: Annotated[int, typer.Option(min=1, help="Runners per worker.")] = 1,
     sync_every: Annotated[float, typer.Option(min=0.05, help="Seconds between syncs.")] = 0.5,
     lease_s: Annotated[float, typer.Option(min=1.0, help="Token lease length.")] = 10.0,
+    offline_after: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Seconds without reaching the centre after which approval rules' "
+            "`offline` fallbacks apply.",
+        ),
+    ] = 30.0,
     host: Annotated[str, typer.Option(help="The site's own API's address.")] = "127.0.0.1",
     port: Annotated[
         int,
@@ -88,6 +96,7 @@ def agent(
         concurrency=concurrency,
         sync_every=sync_every,
         lease_s=lease_s,
+        offline_after_s=offline_after,
     )
     if port:
         _serve_api(the_app.settings, host, port)

@@ -75,7 +75,7 @@ class RuleSpec:
     escalation: tuple[Step, ...] = ()
     on_expiry: Literal["reject", "approve"] = "reject"
     editable: tuple[str, ...] = ()
-    offline: Literal["hold", "approve"] = "hold"
+    offline: Literal["hold", "approve", "reject"] = "hold"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -236,8 +236,10 @@ class ApprovalRule(_Model):
     escalation: tuple[EscalationStep, ...] = ()
     on_expiry: Literal["reject", "approve"] = "reject"
     editable: tuple[Annotated[str, AfterValidator(_editable)], ...] = ()
-    offline: Literal["hold", "approve"] = "hold"
-    """What an edge agent does when it cannot reach an approver."""
+    offline: Literal["hold", "approve", "reject"] = "hold"
+    """What an edge agent does with a pending approval while it cannot reach the centre (so no
+    approver can answer): hold it (it waits, and expires as `on_expiry` says), or approve or
+    reject it in the site's name (tactician.agent.approvals)."""
 
     @model_validator(mode="after")
     def _escalation_in_order(self) -> Self:

@@ -306,10 +306,16 @@ class Gate:
         verdict: str,
         reason: str,
         edits: Mapping[str, Any] | None = None,
+        *,
+        via: str | None = None,
     ) -> ApprovalRow:
+        """Cast `actor`'s vote; `via` names where it was cast when not here (a vote relayed by
+        the centre to an edge agent: `centre:<vote id>`)."""
         self.authorize(actor, Operation.VOTE, task_id)
         try:
-            return self.store.vote(task_id, actor, verdict, reason, edits, now=self.clock.now())
+            return self.store.vote(
+                task_id, actor, verdict, reason, edits, now=self.clock.now(), via=via
+            )
         except Forbidden as exc:  # self-approval, or not among the rule's approvers
             self._refused(actor, Operation.VOTE, task_id, exc.message)
             raise

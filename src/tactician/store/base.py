@@ -55,6 +55,7 @@ from tactician.store.protocol import (
     TaskFilter,
 )
 from tactician.store.reports import ReportsMixin
+from tactician.store.site_votes import SiteVotesMixin
 from tactician.store.sites import SitesMixin
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
@@ -96,7 +97,13 @@ FAILED_UPSTREAM = "('dead', 'cancelled', 'rejected', 'expired')"
 
 
 class SqlStore(
-    GovernanceMixin, DeadLetterMixin, DriftMixin, ReportsMixin, CountersMixin, SitesMixin
+    GovernanceMixin,
+    DeadLetterMixin,
+    DriftMixin,
+    ReportsMixin,
+    CountersMixin,
+    SitesMixin,
+    SiteVotesMixin,
 ):
     """Store logic over a DB-API connection; one instance per process, one thread."""
 

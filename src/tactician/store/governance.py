@@ -402,9 +402,11 @@ class GovernanceMixin(StoreMixin):
         reason: str,
         edits: Mapping[str, Any] | None = None,
         now: float | None = None,
+        via: str | None = None,
     ) -> ApprovalRow:
         """Record an approver's answer; when the tally decides, the task moves on (approved:
-        to pending, with the edits applied; rejected: final)."""
+        to pending, with the edits applied; rejected: final). `via` says where the vote was
+        cast when not here (an edge agent's `centre:<vote id>`); its audit record keeps it."""
         edits = dict(edits or {})
         with self._tx() as cur:
             lock = " FOR UPDATE" if self.dialect == "postgres" else ""
@@ -420,7 +422,9 @@ class GovernanceMixin(StoreMixin):
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (task_id, actor.name, verdict, reason, canonical_json(edits), at),
             )
-            detail = {"verdict": verdict, "reason": reason, "edits": edits}
+            detail: dict[str, Any] = {"verdict": verdict, "reason": reason, "edits": edits}
+            if via is not None:
+                detail["via"] = via
             entries = [_entry(actor, "approval.voted", task_id, detail)]
             votes = (*current.votes, Vote(actor.name, cast(Verdict, verdict), reason, edits, at))
             result = tally(current.rule, votes)
@@ -438,6 +442,7 @@ class GovernanceMixin(StoreMixin):
         actor: Actor,
         reason: str,
         now: float,
+        extra: Mapping[str, Any] | None = None,
     ) -> list[Entry]:
         by = actor.name
         task = self._get(cur, approval.task_id, for_update=True)
@@ -446,7 +451,7 @@ class GovernanceMixin(StoreMixin):
             "WHERE task_id = ?",
             (state, now, by, reason, approval.task_id),
         )
-        detail = {"reason": reason, "rule": approval.rule.name}
+        detail = {"reason": reason, "rule": approval.rule.name, **(extra or {})}
         entries = [_entry(actor, f"approval.{state}", approval.task_id, detail)]
         if task.state is not TaskState.AWAITING_APPROVAL:
             return entries  # cancelled meanwhile: the verdict is kept, the task stays as it is
@@ -511,6 +516,29 @@ class GovernanceMixin(StoreMixin):
             rule = current.rule
             reason = f"expired after {rule.expires_after:g} s; the rule says {rule.on_expiry}"
             entries = self._resolve(cur, current, current.votes, state, SYSTEM, reason, now)
+            self._audit(cur, entries, now)
+            return self._load_approval(cur, task_id)
+
+    def resolve_offline(
+        self, task_id: str, actor: Actor, offline_s: float, now: float
+    ) -> ApprovalRow | None:
+        """Resolve a pending approval as its rule's `offline` fallback says (approve or
+        reject), in the name of `actor` (the site, not a person: no vote is counted), because
+        the site has not reached the centre, and so any approver, for `offline_s` seconds.
+        None if the rule says hold or the approval was answered meanwhile."""
+        with self._tx() as cur:
+            lock = " FOR UPDATE" if self.dialect == "postgres" else ""
+            current = self._load_approval(cur, task_id, lock)
+            rule = current.rule
+            if current.state != "pending" or rule.offline == "hold":
+                return None
+            state = "approved" if rule.offline == "approve" else "rejected"
+            reason = (
+                f"offline fallback: no contact with the centre for {offline_s:.0f} s; "
+                f"rule {rule.name} says {rule.offline}"
+            )
+            extra = {"fallback": "offline", "offline_s": round(offline_s, 3)}
+            entries = self._resolve(cur, current, current.votes, state, actor, reason, now, extra)
             self._audit(cur, entries, now)
             return self._load_approval(cur, task_id)
 

@@ -298,6 +298,7 @@ class GovernanceStore(Protocol):
         reason: str,
         edits: Mapping[str, Any] | None = None,
         now: float | None = None,
+        via: str | None = None,
     ) -> ApprovalRow: ...
 
     def due_approvals(self, now: float, limit: int = 1000) -> list[ApprovalRow]: ...
@@ -305,6 +306,13 @@ class GovernanceStore(Protocol):
     def escalate_approval(self, task_id: str, steps: Sequence[int], now: float) -> None: ...
 
     def expire_approval(self, task_id: str, now: float) -> ApprovalRow | None: ...
+
+    def resolve_offline(
+        self, task_id: str, actor: Actor, offline_s: float, now: float
+    ) -> ApprovalRow | None:
+        """Resolve a pending approval as its rule's offline fallback says (an edge site that
+        cannot reach the centre); None if the rule holds or it was answered meanwhile."""
+        ...
 
     def set_override(
         self,
