@@ -388,6 +388,7 @@ def test_two_agents_one_cut_off_under_load(pg_url: str, tmp_path: Path) -> None:
         rows = {r["name"]: r for r in json.loads(listed.stdout)}
         assert set(rows) == {"north", "south"}
         assert rows["north"]["bundle_version"] == centre.gate.policy().version
+        assert rows["north"]["link_up"] and rows["south"]["link_up"]
 
     # Nothing lost: every task ran. South ran each exactly once; north at most once more the
     # task its one runner had in hand when it was killed (at-least-once).

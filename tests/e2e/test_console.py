@@ -8,6 +8,7 @@ CI (CI=true), where they fail.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -19,10 +20,12 @@ import pytest
 
 from tactician.app import Tactician
 from tactician.domain import KindSpec, NewTask, Result, TaskState
+from tactician.govern.audit import GENESIS, AuditRecord, record_hash
 from tactician.govern.roles import Actor, Role
 from tactician.run.gate import POLICY_TTL_S
 from tactician.settings import Settings
 from tactician.store.protocol import Finish
+from tactician.store.sites import SyncState
 from tests.e2e.serving import serving
 from tests.integration.driving import final, run_until
 
@@ -320,6 +323,59 @@ def test_overrides_pools_and_policies(page: Any, world: World) -> None:
     expect(page.locator("#experiment tbody tr")).to_have_count(2)
     expect(page.locator("#shadow")).to_contain_text("never acted on")
     page.screenshot(path=str(ARTIFACTS / "policies.png"), full_page=True)
+
+
+# --- edge sites ----------------------------------------------------------------------------------
+
+
+def site_chain(count: int, now: float) -> list[AuditRecord]:
+    """A site's first `count` audit records, linked as its agent would have written them."""
+    records: list[AuditRecord] = []
+    prev = GENESIS
+    for seq in range(1, count + 1):
+        fields = (seq, now, "agent", "task.submitted", f"t{seq}", "{}", prev)
+        prev = record_hash(*fields)
+        records.append(AuditRecord(*fields, prev))
+    return records
+
+
+def test_sites_show_bundle_link_backlog_lag_and_tokens(page: Any, world: World) -> None:
+    from playwright.sync_api import expect
+
+    sign_in(page, world, Role.VIEWER)
+    page.click("nav >> text=Sites")
+    expect(page).to_have_url(f"{world.base}/console/sites")
+    expect(page.locator("#sites-empty")).to_contain_text("tactician agent --central URL")
+    page.screenshot(path=str(ARTIFACTS / "sites-empty.png"))
+
+    store, live = world.app.store, world.app.gate.policy().version
+    now = store.db_now()
+    store.site_pulled("north", live)
+    unsynced = SyncState(backlog=7, unsynced=3, oldest_unsynced_at=now - 150)
+    assert store.accept_site_records("north", site_chain(2, now), unsynced) == (2, 2)
+    lease = store.lease_tokens("north", "job", 4, per_second=1.0, burst=10.0, lease_s=600)
+    assert lease.granted == 4
+    retired = "0" * 64  # a bundle the centre has since replaced
+    store.site_pulled("south", retired)
+    store.accept_site_records("south", [], SyncState(backlog=2))
+    with sqlite3.connect(world.db_path) as db:  # south has not been heard from for three hours
+        db.execute("UPDATE sites SET last_seen = last_seen - 3 * 3600 WHERE name = 'south'")
+
+    page.reload()
+    sites = page.locator("#sites")
+    expect(sites.locator("tbody tr")).to_have_count(2)
+    headers = ["Site", "Bundle", "Link", "Last seen", "Backlog", "Unsynced", "Lag", "Tokens held"]
+    expect(sites.locator("thead th")).to_have_text([*headers, "Acked seq"])
+    just_now = re.compile(r"now|\ds ago")  # north was heard from as the test began
+    old = retired[:12]
+    shown = {
+        "north": ["north", f"{live[:12]} current", "up", just_now, "7", "3", "2m", "job 4", "2"],
+        "south": ["south", f"{old} behind", "down for 3h", "3h ago", "2", "0", "—", "none", "0"],
+    }
+    for name, cells in shown.items():
+        expect(sites.locator(f"tr[data-site='{name}'] td")).to_have_text(cells)
+    assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT["width"]
+    page.screenshot(path=str(ARTIFACTS / "sites.png"), full_page=True)
 
 
 # --- KPIs over time ------------------------------------------------------------------------------

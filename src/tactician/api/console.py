@@ -132,19 +132,30 @@ def _same_site_path(target: str, fallback: str) -> str:
     return target if target.startswith("/console/") and "//" not in target else fallback
 
 
+def _span(seconds: float) -> str:
+    """A duration in its largest whole unit: "3h", "12s", "<1s"."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return "<1s"
+
+
 def _when(ts: float | None, now: float) -> str:
     """A time relative to now: "in 5m", "3h ago"."""
     if ts is None:
         return "—"
     delta = ts - now
-    span = abs(delta)
-    if span < 1:
+    if abs(delta) < 1:
         return "now"
-    for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if span >= seconds:
-            text = f"{int(span // seconds)}{unit}"
-            break
+    text = _span(abs(delta))
     return f"in {text}" if delta > 0 else f"{text} ago"
+
+
+def _site_line(site: dict[str, Any], live_version: str) -> dict[str, Any]:
+    """A site as `GET /sites` shows it, with whether its bundle is the live policy."""
+    bundle = site["bundle_version"]
+    state = None if bundle is None else "current" if bundle == live_version else "behind"
+    return {**site, "bundle_state": state}
 
 
 def _utc(ts: float | None) -> str:
@@ -197,7 +208,7 @@ def install(api: FastAPI, current_app: AppDep, clock: Clock = SYSTEM_CLOCK) -> N
 def build(current_app: AppDep, sessions: Sessions) -> APIRouter:
     router = APIRouter(prefix="/console", include_in_schema=False)
     templates = Jinja2Templates(directory=HERE / "templates")
-    templates.env.globals.update(when=_when, utc=_utc, compact=_compact)
+    templates.env.globals.update(when=_when, span=_span, utc=_utc, compact=_compact)
     App = Annotated[Tactician, Depends(current_app)]
 
     def page_of(request: Request, app: App) -> Page:
@@ -484,11 +495,18 @@ def build(current_app: AppDep, sessions: Sessions) -> APIRouter:
         store = page.app.store
         return render(page, "_kpis.html", **kpi_page(store, window, store.db_now()))
 
-    # --- pools, policies, audit --------------------------------------------------------------
+    # --- pools, sites, policies, audit -----------------------------------------------------------
 
     @router.get("/pools", response_class=HTMLResponse)
     def pools(page: Viewer) -> HTMLResponse:
         return render(page, "pools.html", pools=page.app.store.pools())
+
+    @router.get("/sites", response_class=HTMLResponse)
+    def sites(page: Viewer) -> HTMLResponse:
+        app = page.app
+        now, live = app.store.db_now(), app.gate.policy().version
+        rows = [_site_line(row.to_json(now), live) for row in app.store.sites()]
+        return render(page, "sites.html", sites=rows, live_version=live)
 
     @router.get("/policies", response_class=HTMLResponse)
     def policies(page: Viewer) -> HTMLResponse:

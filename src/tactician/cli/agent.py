@@ -160,12 +160,13 @@ def sites(
     if as_json:
         sys.stdout.write(json.dumps(rows, sort_keys=True) + "\n")
         return
-    table = Table("site", "bundle", "last seen", "backlog", "unsynced", "lag", "tokens")
+    table = Table("site", "bundle", "link", "last seen", "backlog", "unsynced", "lag", "tokens")
     for r in rows:
         tokens = ", ".join(f"{k}={v}" for k, v in sorted(r["tokens_held"].items())) or "-"
         table.add_row(
             r["name"],
             (r["bundle_version"] or "-")[:12],
+            "up" if r["link_up"] else "down",
             f"{r['seen_ago_s']:.1f}s ago",
             str(r["backlog"]),
             str(r["unsynced"]),

@@ -24,6 +24,10 @@ from tactician.store.mixin import Cursor, StoreMixin
 AGENT_RATE_PER_S = 1e-12
 """An agent's global kinds refill at ~0/s locally: only leased tokens fill their bucket."""
 AGENT_BURST = 1e9
+LINK_UP_WITHIN_S = 10.0
+"""A site heard from this recently has its link up. An agent syncs every 0.5 s by default and,
+while the centre does not answer, retries at least every 5 s: ten seconds of silence is two of
+its slowest retries missed, so a brief hiccup does not show as down."""
 
 
 @dataclass(frozen=True)
@@ -41,11 +45,13 @@ class SiteRow:
 
     def to_json(self, now: float) -> dict[str, Any]:
         lag = 0.0 if self.oldest_unsynced_at is None else max(0.0, now - self.oldest_unsynced_at)
+        seen_ago = max(0.0, now - self.last_seen)
         return {
             "name": self.name,
             "bundle_version": self.bundle_version,
             "last_seen": self.last_seen,
-            "seen_ago_s": round(max(0.0, now - self.last_seen), 3),
+            "seen_ago_s": round(seen_ago, 3),
+            "link_up": seen_ago <= LINK_UP_WITHIN_S,
             "acked_seq": self.acked_seq,
             "backlog": self.backlog,
             "unsynced": self.unsynced,
