@@ -128,6 +128,11 @@ class SqliteStore(SqlStore):
         finally:
             cur.close()
 
+    def db_now(self) -> float:
+        """The clock, read without the write lock (SQLite's clock is this machine's)."""
+        with self._read() as cur:
+            return self._now(cur)
+
     def _now(self, cur: Cursor) -> float:
         """This machine's clock, as SQLite's own would be (it has no server), to the
         microsecond: `julianday('now')` keeps milliseconds, and a global rate lent by the
