@@ -318,9 +318,14 @@ def test_two_agents_one_cut_off_under_load(
                 # The moment north's handler starts a call (it then takes 50 ms): killed with
                 # a run in hand, which its retry runs again.
                 calls = tmp_path / "north.jsonl"
-                before, deadline = calls.stat().st_size, time.monotonic() + 5
-                while calls.stat().st_size == before and time.monotonic() < deadline:
+
+                def size() -> int:
+                    return calls.stat().st_size if calls.exists() else 0  # noqa: B023
+
+                before, deadline = size(), time.monotonic() + 30
+                while size() == before and time.monotonic() < deadline:
                     time.sleep(0.002)
+                assert size() > before, "north started no call to crash in"
                 crash(agents["north"])
                 crashed = True
             if elapsed >= back_at and agents["north"].returncode is not None:
