@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tactician.clock import SYSTEM_CLOCK
 from tactician.errors import InvalidInput, StoreUnavailable
 from tactician.settings import Settings
 from tactician.store.base import SqlStore
@@ -137,7 +138,7 @@ class SqliteStore(SqlStore):
         """This machine's clock, as SQLite's own would be (it has no server), to the
         microsecond: `julianday('now')` keeps milliseconds, and a global rate lent by the
         millisecond was seen to overshoot its exact envelope by rate x 1 ms."""
-        return time.time()
+        return SYSTEM_CLOCK.now()
 
     def _in(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
         if not values:
