@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tactician.decide.learned import Learned
-from tactician.sim.metrics import compute_metrics
+from tactician.sim.metrics import compute_metrics, slowdown_floor
 from tactician.sim.policies import BASELINES, get_policy, pretrain, split
 from tactician.sim.scenarios import build
 from tactician.sim.simulator import simulate
@@ -77,10 +77,14 @@ def run_policies(
     return out
 
 
-def unavoidable(tasks: list[Any]) -> int:
-    """Scored tasks that miss their deadline under any schedule: even started the moment they
-    are released, their true run ends after it (a lower bound on every policy's misses)."""
+def unavoidable(scenario: str, tasks: list[Any]) -> float:
+    """A lower bound on every policy's headline figure over the scored tasks. Missed deadlines:
+    the tasks whose true run ends after their deadline even started the moment they are
+    released. Mean bounded slowdown: its value with unlimited capacity, every task started as
+    soon as it is released and its parents have finished (`slowdown_floor`)."""
     _, tail = split(tasks, TRAIN_FRACTION)
+    if HEADLINE[scenario] == "mean_bounded_slowdown":
+        return slowdown_floor(tail)
     return sum(1 for t in tail if t.due_at is not None and t.release_at + t.duration > t.due_at)
 
 
@@ -91,7 +95,7 @@ def one(job: tuple[str, float, int]) -> dict[str, Any]:
         "scenario": scenario,
         "load": load,
         "seed": seed,
-        "unavoidable": unavoidable(built.tasks),
+        "unavoidable": unavoidable(scenario, built.tasks),
         "policies": run_policies(built.tasks, built.capacity, built.calendar),
     }
     if scenario in TOLD:
@@ -182,12 +186,14 @@ def table(runs: list[dict[str, Any]], loads: list[float]) -> tuple[list[str], di
             label = "**all**" if load == "all" else f"{load}"
             target = 0.7 * means[best]
             floor, reach = "-", f"{target:.4g}"
-            if key == "missed_deadlines":
-                lowest = mean([r["unavoidable"] for r in chosen])
-                summary[f"{scenario}@{load}"]["unavoidable"] = lowest
-                floor = f"{lowest:.4g}"
-                if target < lowest:
-                    reach += " (below the floor: no schedule reaches it)"
+            lowest = mean([r["unavoidable"] for r in chosen])
+            summary[f"{scenario}@{load}"]["unavoidable"] = lowest
+            floor = f"{lowest:.4g}"
+            if target < lowest:
+                reach += " (below the floor: no schedule reaches it)"
+            elif key == "mean_bounded_slowdown":
+                share = (means[best] - target) / (means[best] - lowest)
+                reach += f" ({100 * share:.0f}% of the way from {best} to the floor)"
             lines.append(
                 f"| {scenario} | {label} | {key} | {cells} | {best} | **{100 * gain:+.1f}%** "
                 f"| {floor} | {reach} |"
@@ -292,7 +298,10 @@ def main() -> None:
         + f"; the first {TRAIN_FRACTION:.0%} of each trace is history (`ai` learns from it, "
         "nobody is scored on it). Lower is better; each cell is the mean over seeds. "
         "*Unavoidable*: scored tasks whose true run is longer than their window, so that they "
-        "miss under any schedule (a lower bound on every policy's missed deadlines); "
+        "miss under any schedule (a lower bound on every policy's missed deadlines); for "
+        "`batch`, the mean bounded slowdown with unlimited capacity, each job started as soon "
+        "as it is released and the job it depends on has finished (a lower bound on every "
+        "policy's: a job's wait for its parent's own run counts in its slowdown); "
         "*30% target*: 0.7 x the best baseline.",
         "",
         *lines,

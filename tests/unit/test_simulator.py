@@ -20,7 +20,7 @@ from tactician.decide.features import Array, ScoredTask
 from tactician.decide.learned import Learned
 from tactician.decide.scorers import RankRequest, Scorer, get_scorer
 from tactician.errors import InvalidInput
-from tactician.sim.metrics import compute_metrics
+from tactician.sim.metrics import compute_metrics, slowdown_floor
 from tactician.sim.policies import POLICIES, get_policy
 from tactician.sim.report import MISSES_PNG, QUEUE_PNG, REPORT_MD, UTILIZATION_PNG
 from tactician.sim.scenarios import build
@@ -266,6 +266,24 @@ def test_metrics_by_hand() -> None:
     assert m["makespan_s"] == 26.0
     assert m["utilization"] == {"p": pytest.approx(26 / 26)}
     assert m["decide_cpu_us"] >= 0 and m["planning_calls"] >= 3
+
+
+def test_the_slowdown_floor_counts_only_the_waits_for_parents() -> None:
+    tasks = [
+        wt("parent", 100, release=5),  # ends at 105 at the soonest
+        wt("child", 20, release=50, deps=("parent",)),  # ready at 105: (105 - 50 + 20) / 20
+        wt("grandchild", 5, release=60, deps=("child",)),  # ready at 125: (125 - 60 + 5) / 10
+        wt("alone", 30, release=0),  # never waits: 1
+    ]
+    floor = slowdown_floor(list(reversed(tasks)))  # children listed before their parents
+    assert floor == pytest.approx((1 + 75 / 20 + 70 / 10 + 1) / 4)
+    # With room for all, a policy reaches it; with one unit, it is still a lower bound.
+    for policy in ("fifo", "ai"):
+        ample = compute_metrics(tasks, run(tasks, {"p": 4}, policy), {"p": 4})
+        assert ample["mean_bounded_slowdown"] == pytest.approx(floor, abs=1e-4)
+        tight = compute_metrics(tasks, run(tasks, {"p": 1}, policy), {"p": 1})
+        assert tight["mean_bounded_slowdown"] > floor
+    assert slowdown_floor([]) == 0.0
 
 
 # --- shifts ------------------------------------------------------------------------------------

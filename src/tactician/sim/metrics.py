@@ -100,3 +100,28 @@ def compute_metrics(
         "decide_cpu_us": round(result.decide_cpu_us, 3),
         "planning_calls": result.planning_calls,
     }
+
+
+def slowdown_floor(tasks: Sequence[WorkloadTask]) -> float:
+    """The mean bounded slowdown of `tasks` with unlimited capacity: each starts the moment it
+    is released and the tasks it depends on (among `tasks`) have finished, and runs its true
+    duration. A lower bound on every schedule's: no policy can shorten the wait of a task for
+    its parents' own runs."""
+    by_id = {t.id: t for t in tasks}
+    finish: dict[str, float] = {}
+    for task in sorted(tasks, key=lambda t: (t.submit_at, t.id)):
+        pending = [task]
+        while pending:  # parents before children, without recursion
+            top = pending[-1]
+            parents = [by_id[d] for d in top.depends_on if d in by_id and d not in finish]
+            if parents:
+                pending.extend(parents)
+                continue
+            pending.pop()
+            if top.id not in finish:
+                ready = max([top.release_at, *(finish[d] for d in top.depends_on if d in by_id)])
+                finish[top.id] = ready + top.duration
+    total = sum(
+        max(1.0, (finish[t.id] - t.release_at) / max(t.duration, SLOWDOWN_TAU)) for t in tasks
+    )
+    return total / len(tasks) if tasks else 0.0
