@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from collections import Counter
@@ -172,6 +173,34 @@ def test_batch_users_over_estimate_and_deadlines_are_few_and_loose() -> None:
     assert len(with_deadline) < 0.4 * len(tasks)
     assert all(t.due_at - t.release_at >= 4 * 3600 - 0.01 for t in with_deadline if t.due_at)
     assert any(t.depends_on for t in tasks)
+
+
+def test_batch_truth_holds_each_jobs_distribution_and_stays_out_of_the_workload(
+    tmp_path: Path,
+) -> None:
+    scenario = build("batch", tasks=2000, seed=9)
+    assert set(scenario.truth) == {t.id for t in scenario.tasks}
+    crashed = kept = 0
+    for task in scenario.tasks:
+        truth = scenario.truth[task.id]
+        rate, uncrashed = truth["crash_rate"], truth["uncrashed_s"]
+        assert rate in (0.02, 0.05, 0.1, 0.3)
+        if task.duration == pytest.approx(uncrashed, abs=1e-3):
+            kept += 1
+        else:  # it crashed: its run is drawn between 10 and 90 s instead
+            crashed += 1
+            assert 10.0 <= task.duration <= 90.0
+        # The mixture's moments: a crash's mean run is 50 s, its mean inverse ln(9) / 80.
+        assert truth["mean_run_s"] == pytest.approx(rate * 50 + (1 - rate) * uncrashed)
+        assert truth["mean_inverse_run"] == pytest.approx(
+            rate * math.log(9) / 80 + (1 - rate) / uncrashed
+        )
+    assert 0.02 * len(scenario.tasks) < crashed < 0.3 * len(scenario.tasks) < kept
+    write_workload(tmp_path / "w.jsonl", scenario.tasks)
+    assert "uncrashed" not in (tmp_path / "w.jsonl").read_text()
+    assert all(
+        not build(name, tasks=50, seed=1, load=1.0).truth for name in SCENARIOS if name != "batch"
+    )
 
 
 # --- the command -------------------------------------------------------------------------------

@@ -246,6 +246,17 @@ class Learned:
             result[mine] = self._rank_pool(request, rows[mine], int(code))[0]
         return result
 
+    @staticmethod
+    def _weight(backlog: Backlog, rows: Rows) -> Array:
+        """A task's worth, including the tasks waiting for it (Smith's rule on the value it
+        unblocks)."""
+        return np.maximum(backlog.weight[rows] + backlog.dependents[rows], 1e-9)
+
+    def index(self, backlog: Backlog, rows: Rows, p50: Array, p90: Array, weight: Array) -> Array:
+        """The order of tasks without deadline pressure, lower first: expected cost per unit
+        of capacity (`slowdown_index` on the predicted quantiles)."""
+        return slowdown_index(backlog.p10[rows], p50, p90, backlog.units[rows], weight)
+
     def _lost_mask(self, rows: Rows) -> npt.NDArray[np.bool_]:
         needed = int(rows.max()) + 1 if len(rows) else 0
         if needed > len(self._lost):
@@ -259,11 +270,9 @@ class Learned:
         backlog, now, objective = request.backlog, request.now, self.objective
         p50, p90 = self.predicted(backlog, rows)
         units = backlog.units[rows]
-        # A task's worth includes the tasks waiting for it (Smith's rule on the value it
-        # unblocks).
-        weight = np.maximum(backlog.weight[rows] + backlog.dependents[rows], 1e-9)
+        weight = self._weight(backlog, rows)
         due = backlog.due[rows]
-        index = slowdown_index(backlog.p10[rows], p50, p90, units, weight)
+        index = self.index(backlog, rows, p50, p90, weight)
         view = request.pools.get(pool)
         lost = self._lost_mask(rows)
         if view is None or view.capacity is None:
@@ -309,12 +318,7 @@ class Learned:
         pool = int(backlog.pool[row])
         p50a, p90a = self.predicted(backlog, rows)
         p50, p90 = float(p50a[0]), float(p90a[0])
-        weight = max(float(backlog.weight[row] + backlog.dependents[row]), 1e-9)
-        index = float(
-            slowdown_index(backlog.p10[rows], p50a, p90a, backlog.units[rows], np.array([weight]))[
-                0
-            ]
-        )
+        index = float(self.index(backlog, rows, p50a, p90a, self._weight(backlog, rows))[0])
         view = request.pools.get(pool)
         due = float(backlog.due[row])
         if view is None or view.capacity is None:

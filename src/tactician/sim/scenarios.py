@@ -32,6 +32,10 @@ class Scenario:
     calendar: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
     """Pools whose capacity changes over time (shifts): (from, capacity) change points.
     `capacity` then holds the mean over the trace."""
+    truth: dict[str, dict[str, float]] = field(default_factory=dict)
+    """What the generator drew for a task beyond its outcome, e.g. a batch job's run were it
+    not to crash and its user's crash rate: for diagnostics, never for policies (not in the
+    workload file)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class _Draft:
     estimate: float | None = None
     weight: float = 1.0
     sensitive: bool = False
+    truth: dict[str, float] = field(default_factory=dict)
 
 
 def _capacity(
@@ -347,6 +352,9 @@ _JOBS: dict[str, tuple[float, tuple[int, ...], float]] = {
 }
 
 
+_CRASH_LOW, _CRASH_HIGH = 10.0, 90.0
+"""A crashing job's run, uniform between these (seconds)."""
+
 _WALLTIMES = (0.5 * HOUR, HOUR, 2 * HOUR, 4 * HOUR, 8 * HOUR, 12 * HOUR, 24 * HOUR, 48 * HOUR)
 
 
@@ -376,8 +384,18 @@ def _batch(
             # padded, rounded up to one of the queue's standard wall times.
             belief = median * padding[user] * rng.lognormvariate(0.0, 0.3)
             walltime = next((w for w in _WALLTIMES if w >= belief), _WALLTIMES[-1])
-            if rng.random() < crashes[user]:
-                duration = rng.uniform(10.0, 90.0)
+            crash = crashes[user]
+            drawn = {
+                "uncrashed_s": duration,
+                "crash_rate": crash,
+                "mean_run_s": crash * (_CRASH_LOW + _CRASH_HIGH) / 2 + (1 - crash) * duration,
+                "mean_inverse_run": crash
+                * math.log(_CRASH_HIGH / _CRASH_LOW)
+                / (_CRASH_HIGH - _CRASH_LOW)
+                + (1 - crash) / duration,
+            }
+            if rng.random() < crash:
+                duration = rng.uniform(_CRASH_LOW, _CRASH_HIGH)
             array.append(
                 _Draft(
                     kind=job_type,
@@ -391,6 +409,7 @@ def _batch(
                     },
                     estimate=walltime,
                     weight=float(rng.choice((1, 1, 2, 3))),
+                    truth=drawn,
                 )
             )
         arrays.append(array)
@@ -403,6 +422,7 @@ def _batch(
     ids = iter(_ids("j", count))
     last_job_of: dict[str, str] = {}
     tasks = []
+    truth: dict[str, dict[str, float]] = {}
     for start, array in zip(_positions(rng, len(arrays)), arrays, strict=True):
         submit = _t(start * span)
         user = str(array[0].features["user"])
@@ -417,6 +437,7 @@ def _batch(
             if rng.random() < 0.25:
                 due = _t(release + max(4 * HOUR, 3 * draft.estimate))
             task_id = next(ids)
+            truth[task_id] = draft.truth
             tasks.append(
                 WorkloadTask(
                     id=task_id,
@@ -433,7 +454,7 @@ def _batch(
                 )
             )
             last_job_of[user] = task_id
-    return Scenario("batch", tasks, {"cluster": cluster})
+    return Scenario("batch", tasks, {"cluster": cluster}, truth=truth)
 
 
 # --- choosing --------------------------------------------------------------------------------
