@@ -33,7 +33,7 @@ from tactician.run.refit import Refitter
 from tactician.run.worker import Worker, WorkerOptions
 from tactician.settings import Settings
 from tactician.store.base import SqlStore
-from tactician.store.open import open_store
+from tactician.store.open import open_store, open_store_waiting
 from tactician.store.protocol import TaskFilter
 from tactician.store.registry import ModelRegistry
 
@@ -136,13 +136,25 @@ class Tactician:
     @property
     def store(self) -> SqlStore:
         if self._store is None:
-            store = open_store(self.settings.db, self.settings)
-            if self.kinds:
-                store.register_kinds(list(self.kinds.values()))
-            for pool, capacity in self.pool_capacity.items():
-                store.set_pool(pool, capacity)
-            self._store = store
+            self._store = self._prepared(open_store(self.settings.db, self.settings))
         return self._store
+
+    def _prepared(self, store: SqlStore) -> SqlStore:
+        if self.kinds:
+            store.register_kinds(list(self.kinds.values()))
+        for pool, capacity in self.pool_capacity.items():
+            store.set_pool(pool, capacity)
+        return store
+
+    def _reach_store(self, stop: threading.Event) -> bool:
+        """Open the store for a service, waiting for a database that is not up yet; False if
+        told to stop meanwhile."""
+        if self._store is None:
+            store = open_store_waiting(self.settings.db, self.settings, stop.is_set)
+            if store is None:
+                return False
+            self._store = self._prepared(store)
+        return True
 
     @property
     def gate(self) -> Gate:
@@ -343,14 +355,16 @@ class Tactician:
         """Run a worker in this process until SIGTERM or SIGINT."""
         stop = _stop_on_signals()
         try:
-            self.worker(options).run(stop.is_set)
+            if self._reach_store(stop):
+                self.worker(options).run(stop.is_set)
         finally:
             traces.flush()  # a forked worker ends without atexit handlers
 
     def run_planner(self) -> None:
         stop = _stop_on_signals()
         try:
-            self.planner().run(stop.is_set)
+            if self._reach_store(stop):
+                self.planner().run(stop.is_set)
         finally:
             traces.flush()
 
@@ -361,7 +375,9 @@ class Tactician:
                 "serve needs an app with task kinds (--app module:app) for its "
                 "workers, or --workers 0 for a planner only"
             )
-        self.store  # noqa: B018 (migrate and register before the children start)
+        # Migrate and register before the children start (waiting for the database).
+        if not self._reach_store(_stop_on_signals()):
+            return
         self.close()
         ctx = multiprocessing.get_context("fork")
         children = [

@@ -91,6 +91,13 @@ class PrivateCluster:
         self._as_owner(*self._pg_ctl("restart", "-m", "fast"))
         return time.monotonic() - started
 
+    def halt(self) -> None:
+        """`pg_ctl stop -m fast`: the server goes down, its data stays (`resume` starts it)."""
+        self._as_owner(*self._pg_ctl("stop", "-m", "fast"))
+
+    def resume(self) -> None:
+        self._as_owner(*self._pg_ctl("start"))
+
     def stop(self) -> None:
         """Stop the server (if it runs) and delete its folder."""
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import signal
 import statistics
 import threading
 import time
@@ -356,3 +357,49 @@ def test_every_process_rides_out_a_postgres_restart(tmp_path: Path) -> None:
     assert granted_after is not None, "nothing was granted after the restart"
     assert sum("is active" in text for text in logs.values()) >= 1
     assert_once_each(found)
+
+
+# --- a database that is not up yet -------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_a_planner_and_worker_started_before_the_database_wait_for_it(tmp_path: Path) -> None:
+    """After a machine's reboot the services may start before PostgreSQL: they wait for it
+    with the reconnect backoff (one line each way) instead of exiting, then run the work."""
+    require()
+    with PrivateCluster() as server:
+        import psycopg
+
+        with psycopg.connect(server.admin_url, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE tactician")
+        url = server.url("tactician")
+        open_store(url).close()
+        server.halt()
+        with Cluster(url, tmp_path) as cluster:
+            procs = [cluster.planner().start(), cluster.worker("worker-0").start()]
+            quitter = cluster.worker("worker-1").start()
+
+            def waiting() -> bool:
+                return all("waiting for the database" in p.text() for p in [*procs, quitter])
+
+            wait_until(waiting, 60, lambda: " | ".join(p.text()[-300:] for p in procs))
+            time.sleep(1.0)  # a few attempts fail while the server stays down
+            assert all(p.popen is not None and p.popen.poll() is None for p in procs)
+            # Told to stop while it waits, a service exits at once and cleanly.
+            assert quitter.popen is not None
+            quitter.popen.send_signal(signal.SIGTERM)
+            assert quitter.popen.wait(10) == 0
+            server.resume()
+            app = build(url)
+            try:
+                app.submit_many([NewTask("work", {"key": f"k{i}"}) for i in range(20)])
+            finally:
+                app.close()
+            wait_until(lambda: succeeded(url) == 20, 90, lambda: str(states(url)))
+            logs = [p.text() for p in procs]
+            cluster.stop_all()
+    for text in logs:
+        assert "database reachable after" in text
+        assert "Traceback" not in text
+    reached = [line for text in logs for line in text.splitlines() if "reachable after" in line]
+    print("\nstarted before the database:", *reached, sep="\n  ")

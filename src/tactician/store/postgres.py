@@ -18,7 +18,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -139,6 +139,40 @@ class _Outage:
         self.reason = reason
         self.next_at = time.monotonic() + self.delay * rng.uniform(0.5, 1.0)
         self.delay = min(RECONNECT_MAX_S, self.delay * 2)
+
+
+def open_waiting(url: str, settings: Settings, stop: Callable[[], bool]) -> PostgresStore | None:
+    """A store for a service started before its database is up: tries at once, then with the
+    reconnect backoff, logging one line when it starts waiting and one when the server
+    answers. None if `stop()` turns true meanwhile."""
+    outage: _Outage | None = None
+    rng = random.Random()
+    while True:
+        try:
+            store = PostgresStore(url, settings)
+        except StoreUnavailable as exc:
+            if outage is None:
+                outage = _Outage(str(exc))
+                log.warning(
+                    "%s: waiting for the database, trying again with backoff "
+                    "(%.1fs doubling to %.0fs)",
+                    exc,
+                    RECONNECT_FIRST_S,
+                    RECONNECT_MAX_S,
+                )
+            outage.failed(str(exc), rng)
+            while (left := outage.next_at - time.monotonic()) > 0:
+                if stop():
+                    return None
+                time.sleep(min(left, 0.1))
+            continue
+        if outage is not None:
+            log.warning(
+                "database reachable after %.1fs (%d failed attempts)",
+                time.monotonic() - outage.began,
+                outage.attempts,
+            )
+        return store
 
 
 class PostgresStore(SqlStore):
