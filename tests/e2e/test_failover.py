@@ -34,6 +34,7 @@ from .crash_app import build
 from .pgcluster import PrivateCluster, require
 from .procs import (
     ROOT,
+    TACTICIAN,
     Cluster,
     Proc,
     connect,
@@ -378,9 +379,14 @@ def test_a_planner_and_worker_started_before_the_database_wait_for_it(tmp_path: 
         with Cluster(url, tmp_path) as cluster:
             procs = [cluster.planner().start(), cluster.worker("worker-0").start()]
             quitter = cluster.worker("worker-1").start()
+            # `ingest` reads its sources from the live bundle: it waits for the database too.
+            ingest = Proc("ingest", [TACTICIAN, "ingest", "--db", url], cluster.env, tmp_path)
+            cluster.procs.append(ingest.start())
 
             def waiting() -> bool:
-                return all("waiting for the database" in p.text() for p in [*procs, quitter])
+                return all(
+                    "waiting for the database" in p.text() for p in [*procs, quitter, ingest]
+                )
 
             wait_until(waiting, 60, lambda: " | ".join(p.text()[-300:] for p in procs))
             time.sleep(1.0)  # a few attempts fail while the server stays down
@@ -389,7 +395,11 @@ def test_a_planner_and_worker_started_before_the_database_wait_for_it(tmp_path: 
             assert quitter.popen is not None
             quitter.popen.send_signal(signal.SIGTERM)
             assert quitter.popen.wait(10) == 0
+            assert ingest.popen is not None and ingest.popen.poll() is None
             server.resume()
+            # Then it reads the bundle, which declares no sources here: one line, exit 2.
+            assert ingest.popen.wait(60) == 2
+            assert "no sources to run: the live policy bundle declares none" in ingest.text()
             app = build(url)
             try:
                 app.submit_many([NewTask("work", {"key": f"k{i}"}) for i in range(20)])

@@ -68,7 +68,12 @@ def ingest(
 
     settings = Settings.from_env(db=db)
     _logging(settings)
-    declared = read_sources(config) if config else _bundle_sources(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    declared = read_sources(config) if config else _bundle_sources(settings, stop)
+    if declared is None:
+        return  # told to stop while waiting for the database
     chosen = select_sources(declared, source or [])
     if not chosen:
         where = config or "the live policy bundle"
@@ -79,9 +84,6 @@ def ingest(
             f"source {outboxes[0]}: an outbox needs Tactician on PostgreSQL (--db postgresql://…)"
         )
     template = _load_app(app) if app else None
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     runners = [SourceRunner(spec, partial(link_for, spec, settings, template)) for spec in chosen]
     crashed: list[str] = []
 
@@ -151,14 +153,19 @@ def link_for(spec: SourceSpec, settings: Settings, template: Tactician | None) -
     )
 
 
-def _bundle_sources(settings: Settings) -> tuple[SourceSpec, ...]:
-    from tactician.app import Tactician
+def _bundle_sources(settings: Settings, stop: threading.Event) -> tuple[SourceSpec, ...] | None:
+    """The live bundle's sources, waiting for a database that is not up yet (None: told to
+    stop meanwhile); each source then reconnects on its own."""
+    from tactician.run.gate import Gate
+    from tactician.store.open import open_store_waiting
 
-    app = Tactician(settings=settings)
+    store = open_store_waiting(settings.db, settings, stop.is_set)
+    if store is None:
+        return None
     try:
-        return app.gate.policy().bundle.sources
+        return Gate(store).policy().bundle.sources
     finally:
-        app.close()
+        store.close()
 
 
 def _load_app(path: str) -> Tactician:
