@@ -205,7 +205,10 @@ def test_two_agents_one_cut_off_under_load(
     request.addfinalizer(centre.close)  # also when a check fails half-way
     root = Actor("root", Role.ADMIN)
     centre.gate.deploy(root, POLICY, "edge.yaml")
-    secret = centre.gate.create_token(root, "edge", Role.OPERATOR)
+    secrets = {  # each agent acts with its own site's token
+        site: centre.gate.create_token(root, f"edge-{site}", Role.OPERATOR, site=site)
+        for site in ("north", "south")
+    }
     viewer = centre.gate.create_token(root, "looker", Role.VIEWER)
     (tmp_path / "edgeapp.py").write_text(APP)
     port = free_port()
@@ -252,7 +255,7 @@ def test_two_agents_one_cut_off_under_load(
             }
             args = [
                 *(TACTICIAN, "agent", "--central", f"http://127.0.0.1:{sites[site]}"),
-                *("--token", secret, "--site", site, "--public-key", str(public)),
+                *("--token", secrets[site], "--site", site, "--public-key", str(public)),
                 *("--db", dbs[site], "--app", "edgeapp:app", "--sync-every", "0.2"),
                 *("--lease-s", "3"),
                 # South follows the rules' offline fallbacks 2 s into its cut; north, whose

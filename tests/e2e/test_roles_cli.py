@@ -489,6 +489,24 @@ def test_the_sqlite_bootstrap_admin_marks_its_records(
     ]
 
 
+def test_a_sites_token_from_the_cli_remembers_its_site(sqlite_url: str, tactician: Run) -> None:
+    made = tactician(
+        *("tokens", "create", "--name", "edge-north", "--role", "operator"),
+        *("--site", "north", "--json", "--db", sqlite_url),
+    )
+    assert made.code == 0, made.stderr
+    assert json.loads(made.stdout)["site"] == "north"
+    listed = tactician("tokens", "list", "--json", "--db", sqlite_url)
+    assert [(t["name"], t["site"]) for t in json.loads(listed.stdout)] == [("edge-north", "north")]
+    bad = tactician(
+        *("tokens", "create", "--name", "x", "--role", "operator", "--site", "a b"),
+        *("--db", sqlite_url),
+    )
+    assert bad.code == 2
+    assert "site 'a b': a letter or digit" in bad.one_error_line()
+    assert len(json.loads(tactician("tokens", "list", "--json", "--db", sqlite_url).stdout)) == 1
+
+
 # --- self-approval ----------------------------------------------------------------------------
 
 

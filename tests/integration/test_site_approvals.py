@@ -215,7 +215,9 @@ def linked(db_url: str, tmp_path: Path) -> Iterator[Linked]:
     centre = Tactician(settings=Settings(db=db_url))
     centre.gate.deploy(ROOT, POLICY, "policy.yaml")  # the policy the site's bundle came from
     tokens = {
-        "agent": centre.gate.create_token(ROOT, "agent-north", Role.OPERATOR),
+        "agent": centre.gate.create_token(ROOT, "agent-north", Role.OPERATOR, site=SITE),
+        "south": centre.gate.create_token(ROOT, "agent-south", Role.OPERATOR, site="south"),
+        "oper": centre.gate.create_token(ROOT, "oper", Role.OPERATOR),
         "alice": centre.gate.create_token(ROOT, "alice", Role.APPROVER),
         "bob": centre.gate.create_token(ROOT, "bob", Role.APPROVER, ["sre"]),
         "boss": centre.gate.create_token(ROOT, "boss", Role.ADMIN),
@@ -421,3 +423,51 @@ def test_bad_votes_get_a_clear_error_and_change_nothing(linked: Linked) -> None:
     assert error(linked.vote("bob", risky), 409) == (
         f"the approval of {risky} at site north is already approved"
     )
+
+
+def test_only_the_sites_own_token_or_an_admins_acts_as_the_site(linked: Linked) -> None:
+    client, centre = linked.client, linked.centre
+    linked.agent.sync_once()
+
+    def as_north(name: str) -> list[int]:
+        headers = linked.as_(name)
+        return [
+            client.get(f"/agents/bundle?site={SITE}", headers=headers).status_code,
+            client.post(f"/agents/{SITE}/sync", json={}, headers=headers).status_code,
+            client.post(
+                f"/agents/{SITE}/tokens", json={"kind": "risky", "want": 0}, headers=headers
+            ).status_code,
+        ]
+
+    # The site's own token and an admin's pass the gate (past it, this centre has no signing
+    # key for a bundle, 400, and no global limit on that kind to lease, 404); anyone else is
+    # refused before anything happens.
+    assert as_north("agent") == [400, 200, 404]
+    keyless = client.get(f"/agents/bundle?site={SITE}", headers=linked.as_("agent"))
+    assert "signing key" in keyless.json()["message"], keyless.text
+    assert as_north("boss") == [400, 200, 404]
+    for name in ("south", "oper", "val"):
+        assert as_north(name) == [403, 403, 403], name
+    answer = client.post(f"/agents/{SITE}/sync", json={}, headers=linked.as_("oper"))
+    assert answer.json()["message"] == (
+        "oper: acting as site north needs a token made for it (tokens create --site)"
+    )
+    answer = client.post(f"/agents/{SITE}/sync", json={}, headers=linked.as_("south"))
+    assert answer.json()["message"] == (
+        "agent-south: a token of site south acts only as that site's agent"
+    )
+    # A site's token does nothing else at the centre either: no task, no vote.
+    task = client.post("/tasks", json={"kind": "fix"}, headers=linked.as_("agent"))
+    assert task.status_code == 403, task.text
+    assert centre.tasks() == []
+    refused = [r for r in records(centre, "access.refused") if r.subject.startswith("site:")]
+    assert {r.actor for r in refused} >= {"agent-south", "oper", "val"}
+    # The token remembers its site; the API lists it.
+    listed = client.get("/tokens", headers=linked.as_("boss")).json()
+    assert {t["name"]: t["site"] for t in listed}["agent-north"] == SITE
+    bad = client.post(
+        "/tokens",
+        json={"name": "x", "role": "operator", "site": "no good"},
+        headers=linked.as_("boss"),
+    )
+    assert bad.status_code == 422 and bad.json()["message"].startswith("site:")

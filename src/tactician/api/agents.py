@@ -26,11 +26,11 @@ from tactician.app import Tactician
 from tactician.errors import NotFound, TacticianError
 from tactician.govern.audit import AuditRecord
 from tactician.govern.policy import ApprovalRule, parse_bundle
-from tactician.govern.roles import Actor, Operation
+from tactician.govern.roles import SITE_NAME, Actor, Operation
 from tactician.store.site_votes import SiteApproval, VoteReport
 from tactician.store.sites import SyncState
 
-SITE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+SITE = f"^{SITE_NAME.pattern}$"
 Site = Annotated[str, Query(pattern=SITE)]
 SitePath = Annotated[str, Path(pattern=SITE)]
 TaskPath = Annotated[str, Path(min_length=1, max_length=200)]
@@ -94,14 +94,14 @@ def build(current_app: AppDep, actor_of: ActorDep) -> APIRouter:
     @router.get("/agents/bundle")
     def bundle(app: App, actor: Who, site: Site) -> dict[str, Any]:
         """The signed bundle for `site` (Ed25519 over the manifest of part hashes)."""
-        app.gate.authorize(actor, Operation.SUBMIT, f"site:{site}")
+        app.gate.authorize_site(actor, site)
         return issue_bundle(app, site)
 
     @router.post("/agents/{site}/sync")
     def sync(app: App, actor: Who, site: SitePath, body: SyncIn) -> dict[str, Any]:
         """Accept the site's records in chain order (sending a batch again changes nothing)
         and its reports on the votes sent to it; answer with the votes it has not reported."""
-        app.gate.authorize(actor, Operation.SUBMIT, f"site:{site}")
+        app.gate.authorize_site(actor, site)
         records = [AuditRecord(**r.model_dump()) for r in body.records]
         state = SyncState(body.backlog, body.unsynced, body.oldest_unsynced_at)
         acked, accepted = app.store.accept_site_records(site, records, state)
@@ -113,7 +113,7 @@ def build(current_app: AppDep, actor_of: ActorDep) -> APIRouter:
     @router.post("/agents/{site}/tokens")
     def tokens(app: App, actor: Who, site: SitePath, body: LeaseIn) -> dict[str, Any]:
         """Lend global-limit tokens of a kind for `lease_s` seconds."""
-        app.gate.authorize(actor, Operation.SUBMIT, f"site:{site}")
+        app.gate.authorize_site(actor, site)
         limit = global_limits(app).get(body.kind)
         if limit is None:
             raise NotFound(f"kind {body.kind!r} has no global rate limit in the live policy")

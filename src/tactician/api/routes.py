@@ -13,7 +13,7 @@ from tactician.app import Tactician
 from tactician.domain import NewTask, Task
 from tactician.errors import InvalidInput
 from tactician.govern.audit import verify
-from tactician.govern.roles import Actor, Operation, parse_role
+from tactician.govern.roles import SITE_NAME, Actor, Operation, parse_role
 from tactician.ingest.cloudevents_in import trace_carrier
 from tactician.ingest.intake import Format, Intake, parse_secrets
 from tactician.observe import traces
@@ -106,6 +106,8 @@ class TokenIn(_In):
     name: str = Field(min_length=1, max_length=100)
     role: Literal["viewer", "operator", "approver", "admin"]
     groups: list[str] = Field(default_factory=list, max_length=50)
+    site: str | None = Field(default=None, pattern=f"^{SITE_NAME.pattern}$")
+    """An edge site's token: it acts only as that site's agent."""
 
 
 class Page(BaseModel):
@@ -612,6 +614,7 @@ def build(current_app: AppDep, actor_of: ActorDep) -> APIRouter:
                 "name": t.name,
                 "role": t.role.value,
                 "groups": sorted(t.groups),
+                "site": t.site,
                 "created_at": t.created_at,
                 "created_by": t.created_by,
                 "revoked_at": t.revoked_at,
@@ -621,8 +624,10 @@ def build(current_app: AppDep, actor_of: ActorDep) -> APIRouter:
 
     @router.post("/tokens", tags=["tokens"], status_code=201, response_model=Json)
     def create_token(app: App, actor: Who, body: TokenIn) -> Json:
-        secret = app.gate.create_token(actor, body.name, parse_role(body.role), body.groups)
-        return {"name": body.name, "role": body.role, "token": secret}
+        secret = app.gate.create_token(
+            actor, body.name, parse_role(body.role), body.groups, body.site
+        )
+        return {"name": body.name, "role": body.role, "site": body.site, "token": secret}
 
     @router.delete("/tokens/{name}", tags=["tokens"], status_code=204, response_class=Response)
     def revoke_token(app: App, actor: Who, name: str) -> Response:

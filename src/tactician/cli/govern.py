@@ -188,6 +188,10 @@ def tokens_create(
     name: Annotated[str, typer.Option("--name", help="Who or what uses it.")],
     role: Annotated[str, typer.Option("--role", help="viewer, operator, approver or admin.")],
     group: Annotated[list[str] | None, typer.Option("--group", help="Approver groups.")] = None,
+    site: Annotated[
+        str | None,
+        typer.Option("--site", help="An edge site's token: it acts only as that site's agent."),
+    ] = None,
     db: DbOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,
@@ -196,9 +200,9 @@ def tokens_create(
     app = open_app(db)
     parsed = parse_role(role)
     actor = acting(app, token)
-    secret = app.gate.create_token(actor, name, parsed, group or ())
+    secret = app.gate.create_token(actor, name, parsed, group or (), site)
     if as_json:
-        _print_json({"name": name, "role": parsed.value, "token": secret})
+        _print_json({"name": name, "role": parsed.value, "site": site, "token": secret})
     else:
         out.print(secret)
         sys.stderr.write(f"token {name} ({parsed.value}): shown once, keep it safe\n")
@@ -215,6 +219,7 @@ def tokens_list(db: DbOption = None, as_json: JsonOption = False) -> None:
                     "name": r.name,
                     "role": r.role.value,
                     "groups": sorted(r.groups),
+                    "site": r.site,
                     "created_at": r.created_at,
                     "created_by": r.created_by,
                     "revoked_at": r.revoked_at,
@@ -223,12 +228,13 @@ def tokens_list(db: DbOption = None, as_json: JsonOption = False) -> None:
             ]
         )
         return
-    table = Table("name", "role", "groups", "created", "by", "revoked")
+    table = Table("name", "role", "groups", "site", "created", "by", "revoked")
     for r in rows:
         table.add_row(
             r.name,
             r.role.value,
             ",".join(sorted(r.groups)),
+            r.site or "",
             _when(r.created_at),
             r.created_by,
             _when(r.revoked_at),

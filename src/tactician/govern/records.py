@@ -17,9 +17,11 @@ class TokenRow:
     created_at: float
     created_by: str
     revoked_at: float | None
+    site: str | None = None
+    """The edge site the token was made for (None: not a site's token)."""
 
     def actor(self) -> Actor:
-        return Actor(self.name, self.role, self.groups)
+        return Actor(self.name, self.role, self.groups, site=self.site)
 
 
 @dataclass(frozen=True)

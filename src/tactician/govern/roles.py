@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -73,6 +74,8 @@ class Actor:
     bootstrap: bool = False
     """True for a CLI with direct access to the database file and no token: it acts as admin,
     and its audit records say so."""
+    site: str | None = None
+    """An edge site's token: it may act only as that site's agent (see `site_may_act`)."""
 
     @property
     def label(self) -> str:
@@ -82,6 +85,9 @@ class Actor:
             else self.name
         )
 
+
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+"""An edge site's name."""
 
 SYSTEM = Actor("tactician", Role.ADMIN)
 """The engine itself: the planner, workers, expiring approvals and overrides."""

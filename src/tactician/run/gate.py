@@ -36,6 +36,7 @@ from tactician.govern.records import (
     NewApproval,
 )
 from tactician.govern.roles import (
+    SITE_NAME,
     SYSTEM,
     Actor,
     Operation,
@@ -154,11 +155,27 @@ class Gate:
         raise Forbidden("a token is needed: --token or TACTICIAN_TOKEN")
 
     def authorize(self, actor: Actor, operation: Operation, subject: str = "-") -> None:
-        """Raise Forbidden unless the actor's role allows it; a refusal is audited first."""
+        """Raise Forbidden unless the actor's role allows it; a refusal is audited first. A
+        site's token acts only for its site (`authorize_site`)."""
+        if actor.site is not None and subject != f"site:{actor.site}":
+            why = f"a token of site {actor.site} acts only as that site's agent"
+            self._refused(actor, operation, subject, why)
+            raise Forbidden(f"{actor.name}: {why}")
         if allowed(actor, operation):
             return
         self._refused(actor, operation, subject)
         raise Forbidden(f"{actor.name} ({actor.role}) may not {operation.value}")
+
+    def authorize_site(self, actor: Actor, site: str) -> None:
+        """An agent's call for `site` (bundle, sync, token leases): only a token made for that
+        site (`tokens create --site`), or an admin's. An operator's token for no site is
+        refused: it could otherwise sync as any site or hold its shared capacity."""
+        subject = f"site:{site}"
+        if actor.site is None and actor.role is not Role.ADMIN:
+            why = f"acting as site {site} needs a token made for it (tokens create --site)"
+            self._refused(actor, Operation.SUBMIT, subject, why)
+            raise Forbidden(f"{actor.name}: {why}")
+        self.authorize(actor, Operation.SUBMIT, subject)
 
     def _refused(self, actor: Actor, operation: Operation, subject: str, why: str = "") -> None:
         detail: dict[str, Any] = {"operation": operation.value, "role": actor.role.value}
@@ -396,14 +413,26 @@ class Gate:
 
     # --- tokens --------------------------------------------------------------------------
 
-    def create_token(self, actor: Actor, name: str, role: Role, groups: Sequence[str] = ()) -> str:
-        """Mint a token and return its secret (shown once; only its hash is kept)."""
+    def create_token(
+        self,
+        actor: Actor,
+        name: str,
+        role: Role,
+        groups: Sequence[str] = (),
+        site: str | None = None,
+    ) -> str:
+        """Mint a token and return its secret (shown once; only its hash is kept). With
+        `site`, an edge site's token: it acts only as that site's agent."""
         self.authorize(actor, Operation.CREATE_TOKEN, name)
         if not name.strip() or len(name) > 100:
             raise InvalidInput("a token needs a name of 1 to 100 characters")
+        if site is not None and not SITE_NAME.fullmatch(site):
+            raise InvalidInput(
+                f"site {site!r}: a letter or digit, then up to 99 letters, digits, '_', '.' or '-'"
+            )
         secret = new_secret()
         token_id = new_ids(1, self.clock.now())[0]
-        self.store.create_token(token_id, name, role, groups, token_hash(secret), actor)
+        self.store.create_token(token_id, name, role, groups, token_hash(secret), actor, site)
         return secret
 
     def revoke_token(self, actor: Actor, name: str) -> None:

@@ -106,7 +106,14 @@ class GovernanceMixin(StoreMixin):
     # --- tokens --------------------------------------------------------------------------
 
     def create_token(
-        self, token_id: str, name: str, role: Role, groups: Sequence[str], digest: str, actor: Actor
+        self,
+        token_id: str,
+        name: str,
+        role: Role,
+        groups: Sequence[str],
+        digest: str,
+        actor: Actor,
+        site: str | None = None,
     ) -> None:
         with self._tx() as cur:
             cur.execute("SELECT 1 FROM tokens WHERE name = ?", (name,))
@@ -114,11 +121,22 @@ class GovernanceMixin(StoreMixin):
                 raise Conflict(f"a token named {name!r} exists already")
             now = self._now(cur)
             cur.execute(
-                "INSERT INTO tokens (id, name, role, groups, hash, created_at, created_by) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (token_id, name, role.value, json.dumps(sorted(groups)), digest, now, actor.name),
+                "INSERT INTO tokens (id, name, role, groups, hash, created_at, created_by, site) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    token_id,
+                    name,
+                    role.value,
+                    json.dumps(sorted(groups)),
+                    digest,
+                    now,
+                    actor.name,
+                    site,
+                ),
             )
-            detail = {"role": role.value, "groups": sorted(groups), "id": token_id}
+            detail: dict[str, Any] = {"role": role.value, "groups": sorted(groups), "id": token_id}
+            if site is not None:
+                detail["site"] = site
             self._audit(cur, [_entry(actor, "token.created", name, detail)], now)
 
     def token_by_hash(self, digest: str) -> TokenRow | None:
@@ -669,7 +687,7 @@ def _entry(actor: Actor, action: str, subject: str, detail: Mapping[str, Any]) -
     return Entry(actor.name, action, subject, detail)
 
 
-_TOKEN_COLUMNS = "id, name, role, groups, created_at, created_by, revoked_at"
+_TOKEN_COLUMNS = "id, name, role, groups, created_at, created_by, revoked_at, site"
 _APPROVAL_COLUMNS = (
     "task_id, rule, policy_version, requested_by, requested_at, expires_at, escalated, state, "
     "resolved_at, resolved_by, reason"

@@ -250,7 +250,14 @@ class GovernanceStore(Protocol):
     def audit_head(self) -> tuple[int, str]: ...
 
     def create_token(
-        self, token_id: str, name: str, role: Role, groups: Sequence[str], digest: str, actor: Actor
+        self,
+        token_id: str,
+        name: str,
+        role: Role,
+        groups: Sequence[str],
+        digest: str,
+        actor: Actor,
+        site: str | None = None,
     ) -> None: ...
 
     def token_by_hash(self, digest: str) -> TokenRow | None: ...
