@@ -70,6 +70,10 @@ def test_the_planner_follows_the_live_bundle_and_records_its_version(app: Tactic
     assert granted and granted[-1].details["policy"] == bundle_version(A)
     assert granted[-1].details["scorer"] == "edf"
     assert len(granted[-1].details["tasks"]) == 2  # the bundle's pool of 2
+    assert planner.ranker.max_wait is None
+    app.gate.deploy(ROOT, A.replace("{scorer: edf}", "{scorer: edf, max_wait: 15m}"), "a2.yaml")
+    planner.tick()
+    assert planner.ranker.max_wait == 900.0  # the planner ages with the live bundle's bound
 
 
 def test_a_bad_bundle_or_rollback_changes_nothing(app: Tactician) -> None:

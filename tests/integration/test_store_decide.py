@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from tactician.decide.scorers import RankRequest, get_scorer
-from tactician.domain import KindSpec, NewTask, TaskState
+from tactician.domain import KindSpec, NewTask, Result, TaskState
 from tactician.errors import Conflict, InvalidInput, NotFound
 from tactician.plan.capacity import CapacityView, plan_starts
 from tactician.run.ranking import LiveRanker
 from tactician.store.base import SqlStore
-from tactician.store.protocol import ReadyRow
+from tactician.store.protocol import Finish, ReadyRow
 
 KIND = KindSpec("job", pool="p")
 
@@ -139,3 +139,33 @@ def test_waiting_rows_carry_the_weight_of_their_dependents(store: SqlStore) -> N
     rows = {r.id: r for r in store.waiting(10)}
     assert rows[parent].dependents == pytest.approx(5.0)
     assert sorted(r.dependents for r in rows.values()) == [0.0, 0.0, 5.0]
+
+
+def test_with_max_wait_an_aged_wide_task_holds_its_pool_until_it_starts(store: SqlStore) -> None:
+    """A bundle's objective.max_wait: a task released longer ago goes first and, if it does not
+    fit, no other task starts in its pool, so that units come free together for it."""
+    store.set_pool("p", 4)
+    for _ in range(3):
+        submit(store)
+    assert store.plan(plan_starts, store.kinds()).started == 3
+    running = store.claim("w1", ["job"], 3)
+    now = time.time()
+    wide = submit(store, resources={"p": 4}, release_at=now - 100.0, estimate=1.0)
+    narrow = [submit(store, estimate=0.5) for _ in range(3)]
+    ranker = LiveRanker(get_scorer("wspt"))  # by itself: the narrow tasks first
+    ranker.use_policy("aging", get_scorer("wspt"), (), max_wait=30.0)
+    held = store.plan(plan_starts, store.kinds(), ranker)
+    assert held.started == 0  # one unit is free, and no narrow task takes it
+    assert store.get(wide).state is TaskState.READY
+    # Without the bound, the free unit goes to a narrow task at once.
+    ranker.use_policy("no-aging", get_scorer("wspt"), ())
+    assert store.plan(plan_starts, store.kinds(), ranker).started == 1
+    ranker.use_policy("aging", get_scorer("wspt"), (), max_wait=30.0)
+    taken = store.claim("w1", ["job"], 1)
+    for claim in [*running, *taken]:
+        done = Result(claim.task_id, claim.token, True, 0.0, 0.01)
+        assert store.finish("w1", [Finish(done, claim.kind, claim.attempt, None)], store.kinds())
+    # All four units are back: the wide task starts, and nothing beside it.
+    assert store.plan(plan_starts, store.kinds(), ranker).started == 1
+    assert store.get(wide).state is TaskState.LEASED
+    assert sum(store.get(t).state is TaskState.READY for t in narrow) == 2

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
 
-from tactician.plan.capacity import Candidate, CapacityView, KindLimits, plan_starts
+from tactician.decide.shares import AGED
+from tactician.plan.capacity import HOLD_BELOW, Candidate, CapacityView, KindLimits, plan_starts
 from tactician.plan.flow import Bucket
 
 NOW = 1_000.0
@@ -77,6 +79,28 @@ def test_a_small_task_passes_a_blocked_big_one() -> None:
     plan = plan_starts(tasks, capacity, NOW, 10)
     assert ids(plan.starts) == ["small", "small2"]
     assert set(plan.blocked) == {"big", "small3"}
+
+
+@pytest.mark.parametrize("rank", [AGED + NOW, -math.inf])  # waited past max_wait; run now
+def test_an_aged_or_run_now_task_that_does_not_fit_holds_its_pool(rank: float) -> None:
+    capacity = view(pool_capacity={"drivers": 3, "vans": 1}, pool_used={"drivers": 1})
+    tasks = [
+        task("first", pool="drivers", units=1, rank=rank - 1.0),  # aged before it, and fits
+        task("big", pool="drivers", units=3, rank=rank),
+        task("small", pool="drivers", units=1, rank=1.0),
+        task("van", pool="vans", units=1, rank=2.0),
+    ]
+    plan = plan_starts(tasks, capacity, NOW, 10)
+    assert ids(plan.starts) == ["first", "van"]  # no one passes big in its own pool
+    assert plan.blocked == {
+        "big": "pool drivers is full: held for it",
+        "small": "pool drivers: would delay a reservation",
+    }
+    # Once the units are back it starts first; ranked above the bound it would not hold.
+    free = view(pool_capacity={"drivers": 3}, pool_used={})
+    assert ids(plan_starts(tasks[1:3], free, NOW, 10).starts) == ["big"]
+    plain = [task("big", pool="drivers", units=3, rank=HOLD_BELOW), tasks[2]]
+    assert ids(plan_starts(plain, capacity, NOW, 10).starts) == ["small"]
 
 
 def test_one_running_task_per_concurrency_key() -> None:

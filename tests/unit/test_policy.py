@@ -30,6 +30,7 @@ objective:
   weight_exponent: 1.0
   optimism: 0.5
   lst: 0.25
+  max_wait: 2h
 thresholds: {confidence: 0.4, ood: 2.5}
 pools:
   drivers: 5
@@ -84,6 +85,8 @@ def test_a_full_bundle_parses_every_field() -> None:
         0.5,
         0.25,
     )
+    assert objective.max_wait == 7200.0
+    assert DEFAULT_BUNDLE.objective.max_wait is None
     assert (bundle.thresholds.confidence, bundle.thresholds.ood) == (0.4, 2.5)
     assert bundle.pools == {"drivers": 5, "api": None}
     limits = bundle.limits["deliver"]

@@ -14,11 +14,12 @@ import pytest
 from typer.testing import CliRunner
 
 from tactician.cli.main import cli, main
-from tactician.cli.simulate import load_trace, run_policy
+from tactician.cli.simulate import Trace, load_trace, run_policy
 from tactician.decide.decision import Reason
 from tactician.decide.features import Array, ScoredTask
 from tactician.decide.learned import Learned
 from tactician.decide.scorers import RankRequest, Scorer, get_scorer
+from tactician.decide.shares import Aging
 from tactician.errors import InvalidInput
 from tactician.sim.metrics import compute_metrics, slowdown_floor
 from tactician.sim.policies import POLICIES, get_policy
@@ -217,6 +218,27 @@ def test_greedy_policies_starve_a_wide_task_and_easy_does_not(policy: str) -> No
     for result in (greedy, easy):
         assert all(r.finish is not None for r in result.records.values())
         assert_capacity_kept(tasks, result, {"p": 4})
+
+
+@pytest.mark.parametrize("policy", ["fifo", "edf", "wspt", "atc", "ai"])
+def test_aging_lets_the_wide_task_hold_the_pool_once_it_waited_max_wait(policy: str) -> None:
+    stream = [wt(f"s{i:03d}", 10, submit=2.5 * i, estimate=10) for i in range(200)]
+    wide = wt("wide", 10, submit=1.0, units=4, estimate=10)
+    tasks = [*stream, wide]
+    chosen = get_policy(policy)
+    result = simulate(tasks, {"p": 4}, Aging(chosen.make(), 30.0), chosen.options())
+    start = result.records["wide"].start
+    assert start is not None
+    # Greedy until it has waited 30 s; then no stream task starts before it, and it starts
+    # as soon as the four running ones have ended (the last started within 2.5 s of 31 s).
+    assert 31.0 < start <= 31.0 + 2.5 + 10
+    later = [t for t in stream if t.submit_at > 31.0 + 2.5]
+    assert all((result.records[t.id].start or 0.0) >= start for t in later)
+    assert all(r.finish is not None for r in result.records.values())
+    assert_capacity_kept(tasks, result, {"p": 4})
+    # The CLI's --max-wait does the same.
+    trace = Trace("stream", [], tasks, {"p": 4}, {}, [], "mean_bounded_slowdown")
+    assert run_policy(policy, trace, 30.0).result.records["wide"].start == start
 
 
 def test_releases_dependencies_and_unbounded_pools() -> None:

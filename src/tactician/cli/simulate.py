@@ -134,19 +134,22 @@ class PolicyRun:
     metrics: dict[str, Any]
 
 
-def run_policy(name: str, trace: Trace) -> PolicyRun:
-    """Simulate `trace.tasks` under one policy; a learning policy first learns the history."""
+def run_policy(name: str, trace: Trace, max_wait: float | None = None) -> PolicyRun:
+    """Simulate `trace.tasks` under one policy; a learning policy first learns the history.
+    With `max_wait`, aging as a bundle's `objective.max_wait` makes it."""
     from tactician.decide.learned import Learned
+    from tactician.decide.shares import Aging
     from tactician.sim.metrics import compute_metrics
     from tactician.sim.policies import get_policy, pretrain
     from tactician.sim.simulator import simulate
 
     policy = get_policy(name)
     began = time.perf_counter()
-    scorer = policy.make()
+    inner = policy.make()
     backlog = None
-    if isinstance(scorer, Learned) and trace.history:
-        backlog = pretrain(scorer, trace.history)
+    if isinstance(inner, Learned) and trace.history:
+        backlog = pretrain(inner, trace.history)
+    scorer: Scorer = inner if max_wait is None else Aging(inner, max_wait)
     result = simulate(
         trace.tasks,
         trace.capacity,
@@ -245,6 +248,13 @@ def simulate(
     lease_ttl: Annotated[
         str, typer.Option(help="Agents: how long a lease of global tokens lasts unrenewed.")
     ] = "10m",
+    max_wait: Annotated[
+        str | None,
+        typer.Option(
+            help="Aging, as a bundle's objective.max_wait: a task released longer ago than "
+            "this (90, 15m, 2h) goes first and holds its pool until it starts."
+        ),
+    ] = None,
 ) -> None:
     """Run one workload through each policy on a virtual clock and compare the outcomes."""
     agent_options = {
@@ -305,6 +315,9 @@ def simulate(
     given = [name for name, value in agent_options.items() if value]
     if given:
         raise InvalidInput(f"{given[0]} applies to --agents only")
+    from tactician.sim.sites import parse_duration
+
+    bound = None if max_wait is None else parse_duration(max_wait, "--max-wait")
     names = parse_policies(policy)
     if report is not None and report.exists() and not report.is_dir():
         raise InvalidInput(f"--report {report}: not a directory")
@@ -331,7 +344,7 @@ def simulate(
         step = progress.add_task("simulating", total=len(names))
         for name in names:
             progress.update(step, description=f"simulating {name}")
-            runs[name] = run_policy(name, trace)
+            runs[name] = run_policy(name, trace, bound)
             progress.advance(step)
     metrics = {name: run.metrics for name, run in runs.items()}
     summary = workload_summary(trace)

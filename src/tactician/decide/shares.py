@@ -6,9 +6,10 @@ them the same way:
     Aging(scorer, max_wait_s)     a task released longer than `max_wait_s` ago goes before
                                   every task that was not, oldest first (the wait counts from
                                   `release_at`: time spent waiting on a dependency counts too,
-                                  as the backlog keeps no "ready since"). Its wait is then
-                                  bounded by max_wait_s plus the time the pool needs to free
-                                  units for the tasks that aged before it.
+                                  as the backlog keeps no "ready since"). If it does not fit,
+                                  it holds its pool (the planner's `HOLD_BELOW`): its wait is
+                                  then bounded by max_wait_s plus the time the pool needs to
+                                  free units for it and the tasks that aged before it.
     FairShare(scorer, shares)     Slurm's fair-share factor F = 2^(-U/S): U is the tenant's share
                                   of recent usage (unit-seconds, decaying with a half-life), S its
                                   share of the weights. The scorer's ranks become percentiles
@@ -29,7 +30,13 @@ from tactician.decide.features import Array, Backlog
 from tactician.decide.scorers import RankRequest, Scorer, span_text
 
 AGED = -1e15
-"""Rank offset of an aged task: below any rank a scorer gives."""
+"""Rank offset of an aged task: below any rank a scorer gives, and below the planner's
+`HOLD_BELOW`, so that an aged task that does not fit holds its pool until it starts."""
+
+
+def aged(ranks: Array, released: Array, now: float, max_wait_s: float) -> Array:
+    """`ranks` with every task released more than `max_wait_s` ago put first, oldest first."""
+    return np.where(now - released > max_wait_s, AGED + released, ranks)
 
 
 class Aging:
@@ -49,9 +56,7 @@ class Aging:
 
     def rank(self, request: RankRequest) -> Array:
         ranks = self.inner.rank(request)
-        ready_since = request.backlog.release[request.rows]
-        aged = request.now - ready_since > self.max_wait_s
-        return np.where(aged, AGED + ready_since, ranks)
+        return aged(ranks, request.backlog.release[request.rows], request.now, self.max_wait_s)
 
     def explain(self, request: RankRequest) -> list[Reason]:
         reasons = self.inner.explain(request)

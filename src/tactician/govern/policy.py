@@ -161,6 +161,10 @@ class ObjectiveSpec(_Model):
     weight_exponent: NonNegative = 0.0
     optimism: Fraction = 0.0
     lst: Fraction = 0.5
+    max_wait: Duration | None = None
+    """Aging: a task released longer ago than this goes before every task that was not,
+    oldest first, and if it does not fit it holds its pool until it starts (no task starves,
+    a wide one included). None: no bound."""
 
 
 class Thresholds(_Model):

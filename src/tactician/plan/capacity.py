@@ -9,6 +9,11 @@ With `reserve` (EASY backfilling), the first task of a pool that does not fit ge
 reservation: the time at which the running tasks' expected ends free enough units for it (the
 shadow time). A later task of that pool may then start only if it is expected to end by the
 shadow time, or if it fits in the units the reserved task will leave spare.
+
+A task ranked below `HOLD_BELOW` (one that waited past the policy's `max_wait`, or that an
+operator said to run now) and that does not fit **holds its pool**: nothing ranked after it
+starts there until it has started. Without that, a task needing more units than ever come
+free at once would wait behind a steady stream of narrower ones for as long as it lasts.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from tactician.plan.flow import Bucket, refill, take
+
+HOLD_BELOW = -1e14
+"""Ranks below this hold their pool when they do not fit (aged tasks: `decide.shares.AGED`;
+run-now overrides: -inf)."""
 
 
 class Candidate(NamedTuple):
@@ -91,7 +100,12 @@ def plan_starts(
             break
         cap = capacity.get(task.pool)
         if cap is not None and used.get(task.pool, 0) + task.units > cap:
-            if view.reserve and task.pool not in shadows:
+            if task.pool in shadows:
+                _note(blocked, task.id, f"pool {task.pool} is full")
+            elif task.rank < HOLD_BELOW:
+                shadows[task.pool] = [-math.inf, 0.0]  # nothing else starts there until it does
+                _note(blocked, task.id, f"pool {task.pool} is full: held for it")
+            elif view.reserve:
                 shadows[task.pool] = _shadow(task, cap, view, starts, now)
                 _note(blocked, task.id, f"pool {task.pool} is full: reserved for it")
             else:

@@ -501,7 +501,12 @@ class GateHook:
         if policy is DEFAULT_POLICY:
             self.ranker.policy_version = policy.version
             return
-        self.ranker.use_policy(policy.version, scorer_for(policy, self.ranker.models), policy.rules)
+        self.ranker.use_policy(
+            policy.version,
+            scorer_for(policy, self.ranker.models),
+            policy.rules,
+            policy.bundle.objective.max_wait,
+        )
         self.gate.apply(policy.bundle)  # again: a deploy that died before applying is healed
         log.info("planner follows policy %s (%s)", policy.version[:12], policy.bundle.name)
 

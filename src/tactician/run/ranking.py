@@ -36,6 +36,7 @@ from tactician.decide.learned import Learned, Objective
 from tactician.decide.predictors import ModelSet
 from tactician.decide.scorers import LAST, PoolView, RankRequest, Scorer, get_scorer
 from tactician.decide.service import Snapshot, confidence, spread_confidence
+from tactician.decide.shares import aged
 from tactician.govern.approvals import RuleSpec
 from tactician.govern.compare import in_experiment
 from tactician.observe import counters
@@ -112,6 +113,9 @@ class LiveRanker:
         self.advice: dict[str, tuple[Decision, float]] = {}
         """Task id → tier 2's decision and how far it moved the score (set by `Escalator`)."""
         self.policy_version = "builtin"
+        self.max_wait: float | None = None
+        """The policy's aging bound (`objective.max_wait`): a task released longer ago goes
+        first, and holds its pool if it does not fit (`plan.capacity.HOLD_BELOW`)."""
         self.overrides: dict[str, tuple[str, float | None, str]] = {}
         """Task id → an operator's override (pin or run_now, its value, who set it)."""
         self.gate_rules: tuple[RuleSpec, ...] = ()
@@ -135,11 +139,19 @@ class LiveRanker:
         self.models = models
         self._reset()
 
-    def use_policy(self, version: str, scorer: Scorer, gate_rules: Sequence[RuleSpec] = ()) -> None:
-        """Rank with a newly deployed (or rolled back) bundle's scorer and rules (a drift
-        fallback ends with it: the drift watch engages it again under the new bundle)."""
+    def use_policy(
+        self,
+        version: str,
+        scorer: Scorer,
+        gate_rules: Sequence[RuleSpec] = (),
+        max_wait: float | None = None,
+    ) -> None:
+        """Rank with a newly deployed (or rolled back) bundle's scorer, rules and aging bound
+        (a drift fallback ends with it: the drift watch engages it again under the new
+        bundle)."""
         self.fallback = None
         self.policy_version = version
+        self.max_wait = max_wait
         self.scorer = scorer
         self.gate_rules = tuple(r for r in gate_rules if r.match.needs_decision)
         self._reset()
@@ -280,6 +292,8 @@ class LiveRanker:
         counters.first_decisions(self.backlog, rows)  # once a task, with its predictions
         if self.experiment is not None and self.fallback is None:
             ranks = self._split(ready, request, ranks)
+        if self.max_wait is not None:
+            ranks = aged(ranks, self.backlog.release[rows], now, self.max_wait)
         if self.advice:
             ranks = self._advised(ready, ranks, now)
         if self.overrides:

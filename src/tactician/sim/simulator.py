@@ -28,7 +28,7 @@ import numpy as np
 from tactician.decide.features import Backlog, ScoredTask
 from tactician.decide.scorers import Learner, PoolView, RankRequest, Scorer, durations
 from tactician.errors import InvalidInput
-from tactician.plan.capacity import Candidate, CapacityView, plan_starts
+from tactician.plan.capacity import HOLD_BELOW, Candidate, CapacityView, plan_starts
 from tactician.sim.workload import WorkloadTask
 
 MAX_CANDIDATES = 2000
@@ -486,7 +486,14 @@ class _Run:
             ranks = self.scorer.rank(RankRequest(self.backlog, rows, now, pools))
             seqs = self.backlog.seq[rows]
             limit = self.options.max_candidates
-            if cap is not None and not reserve:
+            held = (
+                None
+                if cap is None
+                else _held(rows, ranks, seqs, self.backlog.units, cap - self.used.get(pool, 0))
+            )
+            if held is not None:  # offered up to the task that holds the pool, no further
+                order = held
+            elif cap is not None and not reserve:
                 order = self._fitting(rows, ranks, seqs, cap - self.used.get(pool, 0), limit)
             else:
                 order = _best(np.arange(len(rows)), ranks, seqs, limit)
@@ -524,6 +531,22 @@ class _Run:
             yield Candidate(
                 str(i), task.kind, pool, units, None, f"sim:{task.kind}", rank, expected.get(i)
             )
+
+
+def _held(
+    rows: np.ndarray, ranks: np.ndarray, seqs: np.ndarray, units: np.ndarray, free: int
+) -> np.ndarray | None:
+    """With a task ranked below HOLD_BELOW (aged) that does not fit the free units: the
+    positions up to it in rank order, it last (the planner starts what fits before it and
+    holds the pool for it); None without one."""
+    urgent = np.flatnonzero(ranks < HOLD_BELOW)
+    if not len(urgent):
+        return None
+    urgent = urgent[np.lexsort((seqs[urgent], ranks[urgent]))]
+    wide = urgent[units[rows[urgent]] > free]
+    if not len(wide):
+        return None
+    return urgent[: int(np.flatnonzero(urgent == wide[0])[0]) + 1]
 
 
 def _best(positions: np.ndarray, ranks: np.ndarray, seqs: np.ndarray, k: int) -> np.ndarray:
