@@ -378,6 +378,8 @@ class Tactician:
         # Migrate and register before the children start (waiting for the database).
         if not self._reach_store(_stop_on_signals()):
             return
+        for sig in (signal.SIGTERM, signal.SIGINT):  # until each process sets its own
+            signal.signal(sig, signal.SIG_DFL)
         self.close()
         ctx = multiprocessing.get_context("fork")
         children = [

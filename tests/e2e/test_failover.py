@@ -33,6 +33,7 @@ from tactician.store.open import open_store
 from .crash_app import build
 from .pgcluster import PrivateCluster, require
 from .procs import (
+    APP,
     ROOT,
     TACTICIAN,
     Cluster,
@@ -407,9 +408,21 @@ def test_a_planner_and_worker_started_before_the_database_wait_for_it(tmp_path: 
                 app.close()
             wait_until(lambda: succeeded(url) == 20, 90, lambda: str(states(url)))
             logs = [p.text() for p in procs]
+            # A server that is up and refuses (no such database) is a setting to fix: no wait.
+            wrong = Proc(
+                "wrong",
+                [TACTICIAN, "worker", "--app", APP, "--db", server.url("nope")],
+                cluster.env,
+                tmp_path,
+            )
+            cluster.procs.append(wrong.start())
+            assert wrong.popen is not None and wrong.popen.wait(30) != 0
+            assert 'database "nope" does not exist' in wrong.text()
+            assert "waiting for the database" not in wrong.text()
             cluster.stop_all()
     for text in logs:
-        assert "database reachable after" in text
+        assert text.count("waiting for the database") == 1  # one line each way
+        assert text.count("database reachable after") == 1
         assert "Traceback" not in text
     reached = [line for text in logs for line in text.splitlines() if "reachable after" in line]
     print("\nstarted before the database:", *reached, sep="\n  ")

@@ -175,9 +175,7 @@ def test_batch_users_over_estimate_and_deadlines_are_few_and_loose() -> None:
     assert any(t.depends_on for t in tasks)
 
 
-def test_batch_truth_holds_each_jobs_distribution_and_stays_out_of_the_workload(
-    tmp_path: Path,
-) -> None:
+def test_batch_truth_holds_each_jobs_run_time_distribution() -> None:
     scenario = build("batch", tasks=2000, seed=9)
     assert set(scenario.truth) == {t.id for t in scenario.tasks}
     crashed = kept = 0
@@ -196,8 +194,7 @@ def test_batch_truth_holds_each_jobs_distribution_and_stays_out_of_the_workload(
             rate * math.log(9) / 80 + (1 - rate) / uncrashed
         )
     assert 0.02 * len(scenario.tasks) < crashed < 0.3 * len(scenario.tasks) < kept
-    write_workload(tmp_path / "w.jsonl", scenario.tasks)
-    assert "uncrashed" not in (tmp_path / "w.jsonl").read_text()
+    assert min(t["uncrashed_s"] for t in scenario.truth.values()) >= 10.0  # E[1/max(run, 10)]
     assert all(
         not build(name, tasks=50, seed=1, load=1.0).truth for name in SCENARIOS if name != "batch"
     )

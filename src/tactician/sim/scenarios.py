@@ -353,7 +353,9 @@ _JOBS: dict[str, tuple[float, tuple[int, ...], float]] = {
 
 
 _CRASH_LOW, _CRASH_HIGH = 10.0, 90.0
-"""A crashing job's run, uniform between these (seconds)."""
+"""A crashing job's run, uniform between these (seconds). Both are at least the bounded
+slowdown's 10 s, and an uncrashed run at least 30 s, so `truth`'s mean_inverse_run, E[1/run],
+is also E[1/max(run, 10 s)], the slowdown's weight."""
 
 _WALLTIMES = (0.5 * HOUR, HOUR, 2 * HOUR, 4 * HOUR, 8 * HOUR, 12 * HOUR, 24 * HOUR, 48 * HOUR)
 

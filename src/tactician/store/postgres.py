@@ -141,16 +141,39 @@ class _Outage:
         self.delay = min(RECONNECT_MAX_S, self.delay * 2)
 
 
+_MISCONFIGURED = (
+    "does not exist",
+    "authentication failed",
+    "no pg_hba.conf entry",
+    "not permitted to log in",
+)
+"""What a server that is up says to a URL or credentials that are wrong."""
+WAIT_REMINDER_S = 60.0
+
+
 def open_waiting(url: str, settings: Settings, stop: Callable[[], bool]) -> PostgresStore | None:
     """A store for a service started before its database is up: tries at once, then with the
-    reconnect backoff, logging one line when it starts waiting and one when the server
-    answers. None if `stop()` turns true meanwhile."""
+    reconnect backoff, logging one line when it starts waiting, a reminder every minute, and
+    one line when the server answers. None if `stop()` turns true meanwhile. A server that
+    answers and refuses (no such database or role, a wrong password) is a setting to fix, not
+    an outage: that error is raised at once."""
     outage: _Outage | None = None
     rng = random.Random()
+    reminded = time.monotonic()
     while True:
         try:
             store = PostgresStore(url, settings)
         except StoreUnavailable as exc:
+            if any(words in str(exc) for words in _MISCONFIGURED):
+                raise
+            if outage is not None and time.monotonic() - reminded >= WAIT_REMINDER_S:
+                reminded = time.monotonic()
+                log.warning(
+                    "still waiting for the database after %.0fs (%d failed attempts): %s",
+                    reminded - outage.began,
+                    outage.attempts,
+                    exc,
+                )
             if outage is None:
                 outage = _Outage(str(exc))
                 log.warning(
@@ -188,7 +211,11 @@ class PostgresStore(SqlStore):
         self._leading = False
         self._outage: _Outage | None = None
         self._rng = random.Random()
-        self._migrate()
+        try:
+            self._migrate()
+        except BaseException:
+            self.close()  # a store that failed to start leaves no connection behind
+            raise
 
     def close(self) -> None:
         self._release_lead()
