@@ -75,7 +75,7 @@ class Actor:
     """True for a CLI with direct access to the database file and no token: it acts as admin,
     and its audit records say so."""
     site: str | None = None
-    """An edge site's token: it may act only as that site's agent (see `site_may_act`)."""
+    """An edge site's token: it may act only as that site's agent (`Gate.authorize_site`)."""
 
     @property
     def label(self) -> str:
