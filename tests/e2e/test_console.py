@@ -346,6 +346,7 @@ def test_sites_show_bundle_link_backlog_lag_and_tokens(page: Any, world: World) 
     page.click("nav >> text=Sites")
     expect(page).to_have_url(f"{world.base}/console/sites")
     expect(page.locator("#sites-empty")).to_contain_text("tactician agent --central URL")
+    expect(page.locator("#sites-empty")).to_contain_text("--site NAME")
     page.screenshot(path=str(ARTIFACTS / "sites-empty.png"))
 
     store, live = world.app.store, world.app.gate.policy().version
@@ -361,9 +362,9 @@ def test_sites_show_bundle_link_backlog_lag_and_tokens(page: Any, world: World) 
     with sqlite3.connect(world.db_path) as db:  # south has not been heard from for three hours
         db.execute("UPDATE sites SET last_seen = last_seen - 3 * 3600 WHERE name = 'south'")
 
-    page.reload()
+    # No reload: the page refreshes its table every 5 s.
     sites = page.locator("#sites")
-    expect(sites.locator("tbody tr")).to_have_count(2)
+    expect(sites.locator("tbody tr")).to_have_count(2, timeout=15_000)
     headers = ["Site", "Bundle", "Link", "Last seen", "Backlog", "Unsynced", "Lag", "Tokens held"]
     expect(sites.locator("thead th")).to_have_text([*headers, "Acked seq"])
     just_now = re.compile(r"now|\ds ago")  # north was heard from as the test began

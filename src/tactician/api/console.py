@@ -501,12 +501,19 @@ def build(current_app: AppDep, sessions: Sessions) -> APIRouter:
     def pools(page: Viewer) -> HTMLResponse:
         return render(page, "pools.html", pools=page.app.store.pools())
 
-    @router.get("/sites", response_class=HTMLResponse)
-    def sites(page: Viewer) -> HTMLResponse:
+    def sites_now(page: Page) -> dict[str, Any]:
         app = page.app
         now, live = app.store.db_now(), app.gate.policy().version
         rows = [_site_line(row.to_json(now), live) for row in app.store.sites()]
-        return render(page, "sites.html", sites=rows, live_version=live)
+        return {"sites": rows, "live_version": live}
+
+    @router.get("/sites", response_class=HTMLResponse)
+    def sites(page: Viewer) -> HTMLResponse:
+        return render(page, "sites.html", **sites_now(page))
+
+    @router.get("/sites/live", response_class=HTMLResponse)
+    def sites_live(page: Viewer) -> HTMLResponse:
+        return render(page, "_sites.html", **sites_now(page))
 
     @router.get("/policies", response_class=HTMLResponse)
     def policies(page: Viewer) -> HTMLResponse:
