@@ -1,6 +1,7 @@
 """An agent's token leases against a real centre store: it leases by the work it has ready,
-gives back what it cannot use, and a return the centre did not hear (link down) is sent again
-when the link is back, so the unspent tokens are lent to other sites before they expire.
+gives back what it cannot use, and a return the centre did not hear (link down) is kept in the
+site's store and sent again when the link is back, after a restart too, so the unspent tokens
+are lent to other sites before they expire.
 
 The agent's HTTP transport is the one part left out here (`StoreLink` calls the centre's store
 as the API would); tests/e2e/test_agents.py runs the whole thing over HTTP."""
@@ -43,7 +44,9 @@ class StoreLink:
         return {"lease": lease.id, "granted": lease.granted, "expires_in": body["lease_s"]}
 
 
-def test_an_unheard_return_is_sent_again_when_the_link_is_back(tmp_path: Path) -> None:
+def test_an_unheard_return_is_sent_again_when_the_link_is_back_even_after_a_restart(
+    tmp_path: Path,
+) -> None:
     centre = Tactician(
         settings=Settings(db=f"sqlite:///{tmp_path}/centre.db", models_dir=str(tmp_path / "m"))
     )
@@ -75,10 +78,16 @@ def test_an_unheard_return_is_sent_again_when_the_link_is_back(tmp_path: Path) -
     else:
         raise AssertionError("the lease call should have failed")
     assert site.store.agent_tokens(["call_api"], site.store.db_now())["call_api"][0] == 0
+    (kept,) = site.store.agent_returns("call_api")  # in the site's store, not in memory
+    assert kept[1] == 2
     assert centre.store.lease_tokens("south", "call_api", 2, RATE, BURST, 60.0).granted == 0
+    # The agent restarts (a new process: nothing of the old one's memory) and the link is back.
+    agent = Agent(site, options, link=link)  # type: ignore[arg-type]
+    agent.install(verify(issue_bundle(centre, "north"), agent.public_key, site="north"))
     link.up = True
     agent.lease_once()  # needs nothing, but has a return to make
     assert centre.store.sites()[0].tokens_held == {}
+    assert site.store.agent_returns("call_api") == []  # heard: no longer kept
     assert centre.store.lease_tokens("south", "call_api", 2, RATE, BURST, 60.0).granted == 2
     site.close()
     centre.close()

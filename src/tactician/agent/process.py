@@ -125,10 +125,6 @@ class Agent:
         self.link = link or Link(options)
         self.public_key = load_public_key(options.public_key)
         self.bundle: Bundle | None = None
-        self.unreturned: dict[str, list[Any]] = {}
-        """Leases given up here whose return the centre has not heard yet (link down): sent
-        again with the next request, so their unspent tokens are lent again before they
-        expire."""
 
     @property
     def saved_bundle(self) -> Path:
@@ -236,11 +232,13 @@ class Agent:
             now = store.db_now()
             most = max(1, math.ceil(limit.per_second * self.options.sync_every * 2))
             wanted = min(need.get(kind, 0), most)
-            held, dropped = store.agent_tokens([kind], now)[kind]
+            held, _ = store.agent_tokens([kind], now)[kind]
             if held > wanted:
-                dropped += store.agent_release(kind, now)
+                store.agent_release(kind, now)
                 held = 0
-            dropped = self.unreturned.pop(kind, []) + dropped
+            # Every return the centre has not heard, this round's and any a cut link (or a
+            # restart) kept back, so their unspent tokens are lent again before they expire.
+            dropped = store.agent_returns(kind)
             if held >= wanted and not dropped:
                 continue
             body = {
@@ -250,11 +248,8 @@ class Agent:
                 "returns": [{"lease": lease, "unspent": n} for lease, n in dropped],
             }
             sent_at = store.db_now()
-            try:
-                answer = self.link.lease(body)
-            except LinkDown:
-                self.unreturned[kind] = dropped
-                raise
+            answer = self.link.lease(body)
+            store.agent_returned([lease for lease, _ in dropped])
             lease = Lease(answer["lease"], kind, int(answer["granted"]), 0.0)
             expires = sent_at + float(answer["expires_in"]) - self.options.lease_margin_s
             store.agent_add_lease(lease, expires, store.db_now())

@@ -341,6 +341,27 @@ class SitesMixin(StoreMixin):
         with self._tx() as cur:
             return self._settle(cur, kind, now, release=True)[1]
 
+    def agent_returns(self, kind: str) -> list[tuple[str, int]]:
+        """Leases of `kind` given up here whose return the centre has not heard yet, as
+        (id, unspent): kept in the store, so a restart does not lose them."""
+        with self._read() as cur:
+            cur.execute(
+                "SELECT id, given_back FROM agent_leases "
+                "WHERE kind = ? AND given_back IS NOT NULL ORDER BY id",
+                (kind,),
+            )
+            return [(str(r[0]), int(r[1])) for r in cur.fetchall()]
+
+    def agent_returned(self, lease_ids: Sequence[str]) -> None:
+        """The centre has heard these returns."""
+        if not lease_ids:
+            return
+        with self._tx() as cur:
+            clause, params = self._in("id", list(lease_ids))
+            cur.execute(
+                f"DELETE FROM agent_leases WHERE given_back IS NOT NULL AND {clause}", params
+            )
+
     def agent_need(self, kinds: Sequence[str]) -> dict[str, int]:
         """Ready tasks of each kind: what the site could start now with tokens in hand."""
         if not kinds:
@@ -382,8 +403,8 @@ class SitesMixin(StoreMixin):
         cur.execute("SELECT tokens FROM rate_buckets WHERE key = ?", (key,))
         bucket = float(cur.fetchone()[0])
         cur.execute(
-            "SELECT id, remaining, expires_at FROM agent_leases WHERE kind = ? "
-            "ORDER BY expires_at, id",
+            "SELECT id, remaining, expires_at FROM agent_leases "
+            "WHERE kind = ? AND given_back IS NULL ORDER BY expires_at, id",
             (kind,),
         )
         leases = [(str(r[0]), int(r[1]), float(r[2])) for r in cur.fetchall()]
@@ -395,7 +416,10 @@ class SitesMixin(StoreMixin):
             spent -= use
             remaining -= use
             if release or expires_at <= now or remaining == 0:
-                cur.execute("DELETE FROM agent_leases WHERE id = ?", (lease_id,))
+                cur.execute(  # kept until the centre hears the return (`agent_returned`)
+                    "UPDATE agent_leases SET given_back = ?, remaining = 0 WHERE id = ?",
+                    (remaining, lease_id),
+                )
                 dropped.append((lease_id, remaining))
                 held -= remaining + use
                 bucket -= remaining
