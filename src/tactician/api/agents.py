@@ -28,7 +28,7 @@ from tactician.govern.audit import AuditRecord
 from tactician.govern.policy import ApprovalRule, parse_bundle
 from tactician.govern.roles import SITE_NAME, Actor, Operation
 from tactician.store.site_votes import SiteApproval, VoteReport
-from tactician.store.sites import SyncState
+from tactician.store.sites import MAX_RETURNS, SyncState
 
 SITE = f"^{SITE_NAME.pattern}$"
 Site = Annotated[str, Query(pattern=SITE)]
@@ -83,7 +83,7 @@ class LeaseIn(_In):
     kind: str = Field(min_length=1, max_length=200)
     want: int = Field(ge=0, le=100_000)
     lease_s: float = Field(default=10.0, gt=0, le=3600, allow_inf_nan=False)
-    returns: list[Returned] = Field(default_factory=list, max_length=1000)
+    returns: list[Returned] = Field(default_factory=list, max_length=MAX_RETURNS)
 
 
 def build(current_app: AppDep, actor_of: ActorDep) -> APIRouter:

@@ -30,6 +30,10 @@ while the centre does not answer, retries at least every 5 s: ten seconds of sil
 its slowest retries missed, so a brief hiccup does not show as down."""
 
 
+MAX_RETURNS = 1000
+"""Lease returns one lease request carries, at most."""
+
+
 @dataclass(frozen=True)
 class SiteRow:
     name: str
@@ -341,14 +345,15 @@ class SitesMixin(StoreMixin):
         with self._tx() as cur:
             return self._settle(cur, kind, now, release=True)[1]
 
-    def agent_returns(self, kind: str) -> list[tuple[str, int]]:
+    def agent_returns(self, kind: str, limit: int = MAX_RETURNS) -> list[tuple[str, int]]:
         """Leases of `kind` given up here whose return the centre has not heard yet, as
-        (id, unspent): kept in the store, so a restart does not lose them."""
+        (id, unspent), at most `limit` (what one lease request carries): kept in the store, so
+        a restart does not lose them."""
         with self._read() as cur:
             cur.execute(
                 "SELECT id, given_back FROM agent_leases "
-                "WHERE kind = ? AND given_back IS NOT NULL ORDER BY id",
-                (kind,),
+                "WHERE kind = ? AND given_back IS NOT NULL ORDER BY id LIMIT ?",
+                (kind, limit),
             )
             return [(str(r[0]), int(r[1])) for r in cur.fetchall()]
 
