@@ -74,6 +74,12 @@ def test_the_planner_follows_the_live_bundle_and_records_its_version(app: Tactic
     app.gate.deploy(ROOT, A.replace("{scorer: edf}", "{scorer: edf, max_wait: 15m}"), "a2.yaml")
     planner.tick()
     assert planner.ranker.max_wait == 900.0  # the planner ages with the live bundle's bound
+    assert planner.ranker.fair is None
+    fair = "{scorer: edf, fair_share: {shares: {ops: 2, bi: 1}}}"
+    app.gate.deploy(ROOT, A.replace("{scorer: edf}", fair), "a3.yaml")
+    planner.tick()
+    assert planner.ranker.fair is not None and planner.ranker.fair.shares == {"ops": 2, "bi": 1}
+    assert planner.ranker.max_wait is None
 
 
 def test_a_bad_bundle_or_rollback_changes_nothing(app: Tactician) -> None:

@@ -14,6 +14,7 @@ import pytest
 from tactician.decide.scorers import RankRequest, get_scorer
 from tactician.domain import KindSpec, NewTask, Result, TaskState
 from tactician.errors import Conflict, InvalidInput, NotFound
+from tactician.govern.policy import FairShareSpec
 from tactician.plan.capacity import CapacityView, plan_starts
 from tactician.run.ranking import LiveRanker
 from tactician.store.base import SqlStore
@@ -169,3 +170,36 @@ def test_with_max_wait_an_aged_wide_task_holds_its_pool_until_it_starts(store: S
     assert store.plan(plan_starts, store.kinds(), ranker).started == 1
     assert store.get(wide).state is TaskState.LEASED
     assert sum(store.get(t).state is TaskState.READY for t in narrow) == 2
+
+
+def test_fair_share_puts_the_tenant_that_used_less_first(store: SqlStore) -> None:
+    """A bundle's objective.fair_share: the live ranker counts each tenant's unit-seconds from
+    the outcomes it reads, and a tenant over its share slides back in the order."""
+    store.set_pool("p", 2)
+    heavy = [submit(store, tenant="a") for _ in range(2)]
+    assert store.plan(plan_starts, store.kinds()).started == 2
+    for claim in store.claim("w1", ["job"], 2):  # tenant a ran 2 x 100 s
+        done = Result(claim.task_id, claim.token, True, time.time() - 100.0, 100.0)
+        assert store.finish("w1", [Finish(done, claim.kind, claim.attempt, None)], store.kinds())
+    first = submit(store, tenant="a")  # a's task came first: fifo alone runs it first
+    second = submit(store, tenant="b")
+    ranker = LiveRanker(get_scorer("fifo"), store=store)
+    shares = FairShareSpec(shares={"a": 1.0, "b": 1.0}, weight=2.0)  # moves a 1.5 x the order
+    ranker.use_policy("fair", get_scorer("fifo"), (), fair_share=shares)
+    ranker.refresh(time.time())
+    assert ranker.fair is not None and ranker.fair.factor("a", time.time()) < 0.5 < 1.0 == (
+        ranker.fair.factor("b", time.time())
+    )
+    seen: list[Sequence[ReadyRow]] = []
+
+    def watched(rows: Sequence[ReadyRow], view: CapacityView, at: float) -> list[float]:
+        seen.append(rows)
+        return ranker(rows, view, at)
+
+    assert store.plan(plan_starts, store.kinds(), watched).started == 2
+    claimed = [store.claim("w1", ["job"], 1)[0].task_id for _ in range(2)]
+    assert claimed == [second, first]
+    plain = LiveRanker(get_scorer("fifo"))(seen[0], CapacityView(pool_capacity={}), time.time())
+    by_id = dict(zip([r.id for r in seen[0]], plain, strict=True))
+    assert by_id[first] < by_id[second]  # without fair share, a's task goes first
+    assert set(heavy).isdisjoint(claimed)

@@ -31,6 +31,10 @@ objective:
   optimism: 0.5
   lst: 0.25
   max_wait: 2h
+  fair_share:
+    shares: {ops: 2, analytics: 1}
+    weight: 1.5
+    half_life: 30m
 thresholds: {confidence: 0.4, ood: 2.5}
 pools:
   drivers: 5
@@ -86,6 +90,14 @@ def test_a_full_bundle_parses_every_field() -> None:
         0.25,
     )
     assert objective.max_wait == 7200.0
+    assert objective.fair_share is not None
+    fair = objective.fair_share
+    assert (fair.shares, fair.weight, fair.half_life) == (
+        {"ops": 2.0, "analytics": 1.0},
+        1.5,
+        1800.0,
+    )
+    assert DEFAULT_BUNDLE.objective.fair_share is None
     assert DEFAULT_BUNDLE.objective.max_wait is None
     assert (bundle.thresholds.confidence, bundle.thresholds.ood) == (0.4, 2.5)
     assert bundle.pools == {"drivers": 5, "api": None}
@@ -243,6 +255,10 @@ BAD = {
         "4: objective.speed: unknown field",
     ),
     "missing name": ("# a comment\n\ndescription: x\n", "3: name: is required"),
+    "negative share": (
+        "name: t\nobjective:\n  fair_share:\n    shares: {a: -1}\n",
+        "4: objective.fair_share.shares.a: must be > 0",
+    ),
     "bad name": (
         "name: Not Valid\n",
         "1: name: must be 1 to 64 characters of a-z, 0-9, '.', '_' or '-'",

@@ -3,8 +3,8 @@
 The pipeline has fixed steps, each pure:
 
     score     the policy's scorer ranks every waiting task (`Scorer.rank`); the live ranker
-              then ages it (`objective.max_wait`, `tactician.decide.shares.aged`); fair
-              share can wrap a scorer but is not applied yet
+              then shifts tenants by their recent usage (`objective.fair_share`) and ages
+              it (`objective.max_wait`), both in `tactician.decide.shares`
     act       run, unless: the task's window has not opened or it has slack while its pool is
               full (defer-until); it shares a merge key with an earlier task inside the window
               (merge-into); an operator holds it (hold); confidence is below the policy's

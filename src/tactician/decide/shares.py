@@ -21,7 +21,7 @@ them the same way:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -74,31 +74,21 @@ class Aging:
         return reasons
 
 
-class FairShare:
-    """See the module docstring."""
-
-    time_dependent = True
+class FairBook:
+    """Tenants' recent usage and the fair-share factor it gives; `adjust` applies it to ranks.
+    Kept by the FairShare wrapper (simulator, benchmarks) and by the live ranker (from a
+    bundle's `objective.fair_share`)."""
 
     def __init__(
-        self,
-        inner: Scorer,
-        shares: Mapping[str, float],
-        *,
-        weight: float = 0.5,
-        half_life_s: float = 3600.0,
+        self, shares: Mapping[str, float], *, weight: float = 0.5, half_life_s: float = 3600.0
     ) -> None:
         if not (0.0 <= weight <= 10.0) or math.isnan(weight):
             raise ValueError("fair-share weight must be between 0 and 10")
-        self.inner = inner
-        self.name = inner.name
         self.shares = dict(shares)
         self.weight = weight
         self.half_life_s = half_life_s
         self._usage: dict[str, float] = {}
         self._at = 0.0
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
 
     def used(self, tenant: str, unit_seconds: float, at: float) -> None:
         """Record usage (e.g. units x run time of a finished task) at time `at`."""
@@ -124,21 +114,54 @@ class FairShare:
             return 0.0 if usage > 0 else 1.0
         return float(2.0 ** (-usage / share))
 
+    def adjust(self, ranks: Array, tenants: Sequence[str], now: float) -> Array:
+        """Ranks become percentiles (0 best; tied ranks share the lowest of the tie, so fair
+        share decides ties) plus `weight x (1 - F)` of each task's tenant."""
+        count = len(ranks)
+        if count == 0:
+            return ranks
+        ordered = np.sort(ranks)
+        percentile = np.searchsorted(ordered, ranks, side="left") / max(1, count - 1)
+        factors = {t: self.factor(t, now) for t in set(tenants)}
+        penalty = np.array([1.0 - factors[t] for t in tenants])
+        result: Array = percentile + self.weight * penalty
+        return result
+
+
+class FairShare:
+    """See the module docstring."""
+
+    time_dependent = True
+
+    def __init__(
+        self,
+        inner: Scorer,
+        shares: Mapping[str, float],
+        *,
+        weight: float = 0.5,
+        half_life_s: float = 3600.0,
+    ) -> None:
+        self.book = FairBook(shares, weight=weight, half_life_s=half_life_s)
+        self.inner = inner
+        self.name = inner.name
+        self.weight = weight
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def used(self, tenant: str, unit_seconds: float, at: float) -> None:
+        self.book.used(tenant, unit_seconds, at)
+
+    def factor(self, tenant: str, now: float) -> float:
+        return self.book.factor(tenant, now)
+
     def _tenants(self, backlog: Backlog, rows: np.ndarray) -> list[str]:
         return [backlog.tasks[r].tenant or "" for r in rows.tolist()]
 
     def rank(self, request: RankRequest) -> Array:
         ranks = self.inner.rank(request)
-        count = len(ranks)
-        if count == 0:
-            return ranks
-        # Tied ranks share a percentile (the lowest of the tie), so fair share decides ties.
-        ordered = np.sort(ranks)
-        percentile = np.searchsorted(ordered, ranks, side="left") / max(1, count - 1)
         tenants = self._tenants(request.backlog, request.rows)
-        factors = {t: self.factor(t, request.now) for t in set(tenants)}
-        penalty = np.array([1.0 - factors[t] for t in tenants])
-        return percentile + self.weight * penalty
+        return self.book.adjust(ranks, tenants, request.now)
 
     def explain(self, request: RankRequest) -> list[Reason]:
         reasons = self.inner.explain(request)

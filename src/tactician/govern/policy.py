@@ -154,6 +154,19 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class FairShareSpec(_Model):
+    """Slurm's fair-share factor per tenant (see decide.shares): a tenant that used more than
+    its share of the recent unit-seconds slides back in the order, one that used less comes
+    forward."""
+
+    shares: dict[str, Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]]
+    """Tenant → its share (relative weights); a tenant not listed has none."""
+    weight: Annotated[float, Strict(), Field(ge=0, le=10)] = 0.5
+    """How far the factor moves a task, in fractions of the whole order (0: not at all)."""
+    half_life: Duration = 3600.0
+    """Usage halves every this long."""
+
+
 class ObjectiveSpec(_Model):
     """The scorer and what the learned scorer trades off (see decide.learned.Objective)."""
 
@@ -165,6 +178,7 @@ class ObjectiveSpec(_Model):
     """Aging: a task released longer ago than this goes before every task that was not,
     oldest first, and if it does not fit it holds its pool until it starts (no task starves,
     a wide one included). None: no bound."""
+    fair_share: FairShareSpec | None = None
 
 
 class Thresholds(_Model):

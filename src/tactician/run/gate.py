@@ -506,6 +506,7 @@ class GateHook:
             scorer_for(policy, self.ranker.models),
             policy.rules,
             policy.bundle.objective.max_wait,
+            policy.bundle.objective.fair_share,
         )
         self.gate.apply(policy.bundle)  # again: a deploy that died before applying is healed
         log.info("planner follows policy %s (%s)", policy.version[:12], policy.bundle.name)

@@ -36,9 +36,10 @@ from tactician.decide.learned import Learned, Objective
 from tactician.decide.predictors import ModelSet
 from tactician.decide.scorers import LAST, PoolView, RankRequest, Scorer, get_scorer
 from tactician.decide.service import Snapshot, confidence, spread_confidence
-from tactician.decide.shares import aged
+from tactician.decide.shares import FairBook, aged
 from tactician.govern.approvals import RuleSpec
 from tactician.govern.compare import in_experiment
+from tactician.govern.policy import FairShareSpec
 from tactician.observe import counters
 from tactician.plan.capacity import CapacityView
 from tactician.store.protocol import ReadyRow, Store
@@ -113,6 +114,10 @@ class LiveRanker:
         self.advice: dict[str, tuple[Decision, float]] = {}
         """Task id → tier 2's decision and how far it moved the score (set by `Escalator`)."""
         self.policy_version = "builtin"
+        self.fair: FairBook | None = None
+        """Tenants' recent usage under the policy's `objective.fair_share` (None: off); fed
+        from the outcomes `refresh` reads."""
+        self._fair_spec: FairShareSpec | None = None
         self.max_wait: float | None = None
         """The policy's aging bound (`objective.max_wait`): a task released longer ago goes
         first, and holds its pool if it does not fit (`plan.capacity.HOLD_BELOW`)."""
@@ -145,13 +150,26 @@ class LiveRanker:
         scorer: Scorer,
         gate_rules: Sequence[RuleSpec] = (),
         max_wait: float | None = None,
+        fair_share: FairShareSpec | None = None,
     ) -> None:
-        """Rank with a newly deployed (or rolled back) bundle's scorer, rules and aging bound
-        (a drift fallback ends with it: the drift watch engages it again under the new
-        bundle)."""
+        """Rank with a newly deployed (or rolled back) bundle's scorer, rules, aging bound and
+        fair shares (a drift fallback ends with it: the drift watch engages it again under the
+        new bundle). Usage is counted from the outcomes read after the shares are set, and kept
+        while they stay the same."""
         self.fallback = None
         self.policy_version = version
         self.max_wait = max_wait
+        if fair_share != self._fair_spec:
+            self._fair_spec = fair_share
+            self.fair = (
+                None
+                if fair_share is None
+                else FairBook(
+                    fair_share.shares,
+                    weight=fair_share.weight,
+                    half_life_s=fair_share.half_life,
+                )
+            )
         self.scorer = scorer
         self.gate_rules = tuple(r for r in gate_rules if r.match.needs_decision)
         self._reset()
@@ -219,6 +237,8 @@ class LiveRanker:
             late = row.due_at is not None and row.finished_at > row.due_at
             duration = max(0.0, row.finished_at - row.started_at)
             self.history.record(row.kind, duration, failed=row.failed, late=late)
+            if self.fair is not None:
+                self.fair.used(row.tenant, row.units * duration, row.finished_at)
         if rows:
             self._history_at = math.nextafter(rows[-1].finished_at, math.inf)
         return 0  # history is bookkeeping, not work the planner did
@@ -292,6 +312,8 @@ class LiveRanker:
         counters.first_decisions(self.backlog, rows)  # once a task, with its predictions
         if self.experiment is not None and self.fallback is None:
             ranks = self._split(ready, request, ranks)
+        if self.fair is not None:
+            ranks = self.fair.adjust(ranks, [t.tenant for t in ready], now)
         if self.max_wait is not None:
             ranks = aged(ranks, self.backlog.release[rows], now, self.max_wait)
         if self.advice:
