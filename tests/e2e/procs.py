@@ -178,7 +178,11 @@ def descendants(pid: int) -> list[int]:
     todo = [pid]
     while todo:
         parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
+        try:  # a process may exit while it is read
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
             with contextlib.suppress(OSError):
                 children = [int(c) for c in (task / "children").read_text().split()]
                 found.extend(children)

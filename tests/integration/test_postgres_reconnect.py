@@ -44,11 +44,17 @@ def admin(pg_url: str) -> Iterator[psycopg.Connection]:
 
 
 def terminate(admin: psycopg.Connection, name: str) -> int:
-    """End every session of this application name, as a server restart would; how many."""
+    """End every session of this application name, as a server restart would; how many.
+
+    Waits until each backend has exited (up to 5 s): a backend signalled but not yet gone
+    still holds its advisory locks.
+    """
     rows = admin.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
+        " WHERE application_name = %s",
         (name,),
     ).fetchall()
+    assert all(gone for (gone,) in rows), f"a session of {name} outlived 5 s"
     return len(rows)
 
 
