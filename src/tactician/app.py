@@ -18,6 +18,7 @@ from tactician.decide.decision import Decision, Tier
 from tactician.decide.service import DecidePolicy, MergeRule, decide, pending_reason
 from tactician.domain import ExecutorKind, KindSpec, NewTask, RateLimit, RetryPolicy, Task
 from tactician.errors import InvalidInput, TacticianError, UnknownKind
+from tactician.govern.policy import SERVED_MODELS, limited
 from tactician.govern.roles import SYSTEM, Actor, Operation
 from tactician.observe import traces
 from tactician.run.advisor import AdvisorConfig, BackgroundAdvisor, LLMAdvisor
@@ -29,7 +30,7 @@ from tactician.run.merging import Merger
 from tactician.run.notify import NOTIFY_KIND, notify, notify_kind
 from tactician.run.planner import PlannerService
 from tactician.run.ranking import LiveRanker, make_scorer
-from tactician.run.refit import Refitter
+from tactician.run.refit import ModelWatch, Refitter
 from tactician.run.worker import Worker, WorkerOptions
 from tactician.settings import Settings
 from tactician.store.base import SqlStore
@@ -51,6 +52,9 @@ class Tactician:
         self.handlers: dict[str, Handler] = {}
         self.pool_capacity: dict[str, int | None] = {}
         self.merge_rules: list[MergeRule] = []
+        self.leased_kinds: set[str] = set()
+        """Kinds whose rate the centre lends as tokens (an edge agent's): the bundle's rate
+        for them is global, not this process's."""
         self._store: SqlStore | None = None
         self._gate: Gate | None = None
         # The engine's own notifications (approval escalations, alerts) are tasks like any
@@ -173,9 +177,14 @@ class Tactician:
         """The kinds this app declared (the engine's own notification kind left out)."""
         return [name for name in self.kinds if name != NOTIFY_KIND]
 
-    def known_kinds(self) -> dict[str, KindSpec]:
-        """This app's kinds, and those other apps registered in the database."""
-        return {**self.store.kinds(), **self.kinds}
+    def known_kinds(self) -> Mapping[str, KindSpec]:
+        """This app's kinds, and those other apps registered in the database, under the live
+        bundle's limits."""
+        return self.limited({**self.store.kinds(), **self.kinds})
+
+    def limited(self, kinds: Mapping[str, KindSpec]) -> Mapping[str, KindSpec]:
+        """`kinds` with the live bundle's `limits` over what their code declared."""
+        return limited(kinds, self.gate.policy().bundle.limits, self.leased_kinds)
 
     # --- submitting ----------------------------------------------------------------------------
 
@@ -231,7 +240,8 @@ class Tactician:
         with traces.span("gate", {"tactician.tasks": len(tasks)}):
             if actor is not None:
                 self.gate.authorize(actor, Operation.SUBMIT, tasks[0].kind if tasks else "-")
-            kinds = self.kinds if all(t.kind in self.kinds for t in tasks) else self.known_kinds()
+            mine = all(t.kind in self.kinds for t in tasks)
+            kinds = self.limited(self.kinds) if mine else self.known_kinds()
             unknown = sorted({t.kind for t in tasks} - set(kinds))
             if unknown:
                 raise UnknownKind(f"unknown kind {unknown[0]!r}")
@@ -282,10 +292,15 @@ class Tactician:
             hooks.append(escalator)
         if self.merge_rules:
             hooks.append(Merger(self.store, ranker, tuple(self.merge_rules)))
+        registry = ModelRegistry(self.settings.models_dir)
+        hooks.append(ModelWatch(ranker, lambda: self.served_models(registry), registry.load))
         if self.settings.refit_every > 0:
-            registry = ModelRegistry(self.settings.models_dir)
-            hooks.append(Refitter(self.store, ranker, registry, self.settings.refit_every))
-        return PlannerService(self.store, self.settings, ranker=ranker, hooks=tuple(hooks))
+            refitter = Refitter(self.store, ranker, registry, self.settings.refit_every)
+            refitter.pinned = lambda: SERVED_MODELS in self.gate.policy().bundle.models
+            hooks.append(refitter)
+        return PlannerService(
+            self.store, self.settings, ranker=ranker, hooks=tuple(hooks), limits=self.limited
+        )
 
     def escalator(self, ranker: LiveRanker) -> Escalator | None:
         """Tier 2 when an advisor is configured (TACTICIAN_LLM_BASE_URL and _MODEL)."""
@@ -295,12 +310,20 @@ class Tactician:
         policy = DecidePolicy(confidence_threshold=self.settings.confidence_threshold)
         return Escalator(self.store, ranker, advisor, policy)
 
+    def served_models(self, registry: ModelRegistry) -> str | None:
+        """The model version the decision service serves: the live policy's pin (`models:
+        {default: …}`), else the registry's active set (None: none promoted)."""
+        pin = self.gate.policy().bundle.models.get(SERVED_MODELS)
+        return registry.active_version() if pin is None else registry.resolve(pin)
+
     def ranker(self) -> LiveRanker:
-        """The decision service's scorer (settings.scorer) with the registry's active models;
-        without them (none promoted, or the active file unreadable: logged) the scorer works
-        from estimates and each kind's recorded durations."""
+        """The decision service's scorer (settings.scorer) with the models it serves
+        (`served_models`); without them (none promoted, or unreadable: logged) the scorer
+        works from estimates and each kind's recorded durations."""
+        registry = ModelRegistry(self.settings.models_dir)
         try:
-            models = ModelRegistry(self.settings.models_dir).active()
+            version = self.served_models(registry)
+            models = None if version is None else registry.load(version)
         except TacticianError as exc:
             log.error("decision models unavailable, ranking without them: %s", exc)
             models = None

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import pytest
 
 from tactician.app import Tactician
-from tactician.domain import KindSpec, NewTask
+from tactician.domain import KindSpec, NewTask, RateLimit
 from tactician.errors import Conflict, InvalidInput
-from tactician.govern.policy import BundleError, bundle_version
+from tactician.govern.policy import BundleError, bundle_version, limited, parse_bundle
 from tactician.govern.roles import Actor, Role
 from tactician.settings import Settings
 
@@ -92,3 +92,59 @@ def test_a_bad_bundle_or_rollback_changes_nothing(app: Tactician) -> None:
         app.gate.deploy(ROOT, B, "b.yaml", slot="experiment", share=1.5, split_by="task")
     assert [d.version for d in app.store.deployments()] == [bundle_version(A)]
     assert app.gate.policy().version == bundle_version(A)
+
+
+OPEN = "name: open\nobjective: {scorer: edf}\npools: {p: null}\n"
+
+
+def started(app: Tactician) -> int:
+    return app.store.counts().get("leased", 0)
+
+
+def test_the_bundle_rate_applies_to_the_planner_until_it_is_rolled_back(app: Tactician) -> None:
+    app.gate.deploy(ROOT, OPEN, "open.yaml")
+    app.gate.deploy(ROOT, OPEN + "limits: {job: {rate: 1/h, burst: 3}}\n", "rate.yaml")
+    planner = app.planner()
+    planner.tick()
+    assert started(app) == 3  # the bucket's burst; the next token is an hour away
+    planner.tick()
+    assert started(app) == 3
+    app.gate.rollback(ROOT, "the downstream API was upgraded")
+    planner.tick()
+    assert started(app) == 12  # the code declared no rate
+
+
+def test_the_bundle_concurrency_ceiling_caps_the_planner(app: Tactician) -> None:
+    app.gate.deploy(ROOT, OPEN + "limits: {job: {max_concurrency: 2}}\n", "ceiling.yaml")
+    planner = app.planner()
+    planner.tick()
+    planner.tick()
+    assert started(app) == 2
+    app.gate.deploy(ROOT, OPEN + "limits: {job: {max_concurrency: 5}}\n", "ceiling5.yaml")
+    planner.tick()
+    assert started(app) == 5
+
+
+def test_the_bundle_concurrency_key_applies_to_tasks_submitted_under_it(app: Tactician) -> None:
+    app.gate.deploy(ROOT, OPEN + "limits: {job: {concurrency_key: '{customer}'}}\n", "key.yaml")
+    keyed = [NewTask("job", {"customer": c, "n": 100 + i}) for i, c in enumerate("aabbb")]
+    ids = app.submit_many(keyed)
+    assert [app.get(i).concurrency_key for i in ids] == ["job:" + c for c in "aabbb"]
+    with pytest.raises(InvalidInput, match="concurrency key"):
+        app.submit_many([NewTask("job", {"n": 200})])  # no customer: refused, nothing kept
+    assert sum(app.store.counts().values()) == 12 + 5
+    app.planner().tick()
+    leased = [t for t in app.tasks() if t.state == "leased"]
+    assert sorted(t.concurrency_key or "-" for t in leased) == ["-"] * 12 + ["job:a", "job:b"]
+
+
+def test_an_edge_agents_leased_kinds_keep_their_rate() -> None:
+    limits = "{job: {rate: 5/s, max_concurrency: 3}, gone: {rate: 1/s}}"
+    bundle = parse_bundle(f"name: x\nlimits: {limits}\n")
+    marker = RateLimit(1e-12, 1e9)
+    kinds = {"job": KindSpec("job", rate=marker), "other": KindSpec("other")}
+    assert limited(kinds, bundle.limits)["job"].rate == RateLimit(5.0, 1.0)
+    leased = limited(kinds, bundle.limits, leased={"job"})["job"]
+    assert leased.rate == marker and leased.max_concurrency == 3
+    assert set(limited(kinds, bundle.limits)) == {"job", "other"}  # `gone` is not a kind here
+    assert limited(kinds, {}) is kinds

@@ -50,8 +50,7 @@ def terminate(admin: psycopg.Connection, name: str) -> int:
     still holds its advisory locks.
     """
     rows = admin.execute(
-        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
-        " WHERE application_name = %s",
+        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE application_name = %s",
         (name,),
     ).fetchall()
     assert all(gone for (gone,) in rows), f"a session of {name} outlived 5 s"

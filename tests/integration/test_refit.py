@@ -3,17 +3,25 @@ the store's history, saved, promoted when they beat the baseline, and served at 
 
 from __future__ import annotations
 
+import logging
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tactician.app import Tactician
 from tactician.decide.scorers import get_scorer
+from tactician.decide.training import fit_recorded
 from tactician.domain import KindSpec, NewTask, Result
+from tactician.govern.roles import Actor, Role
 from tactician.plan.capacity import plan_starts
+from tactician.run.planner import PlannerService
 from tactician.run.ranking import LiveRanker, make_scorer
-from tactician.run.refit import Refitter
+from tactician.run.refit import ModelWatch, Refitter
+from tactician.run.training import from_store
+from tactician.settings import Settings
 from tactician.store.base import SqlStore
 from tactician.store.protocol import Finish
 from tactician.store.registry import ModelRegistry
@@ -98,3 +106,78 @@ def test_a_refused_refit_is_saved_but_not_served(store: SqlStore, tmp_path: Path
     assert len(refit.fits) == 1
     assert registry.active_version() is None
     assert ranker.models is None
+
+
+ROOT = Actor("root", Role.ADMIN)
+
+
+@pytest.fixture
+def app(db_url: str, tmp_path: Path) -> Iterator[Tactician]:
+    app = Tactician(settings=Settings(db=db_url, scorer="learned", models_dir=str(tmp_path)))
+    app.store.register_kinds([KIND])
+    app.store.set_pool("p", None)
+    yield app
+    app.close()
+
+
+def two_fits(store: SqlStore, registry: ModelRegistry) -> tuple[str, str]:
+    """Two model sets fitted on different outcomes, saved (neither promoted)."""
+    record(store, 300, random.Random(1))
+    first = registry.save(fit_recorded(from_store(store.outcomes(limit=300))))
+    record(store, 300, random.Random(2))
+    second = registry.save(fit_recorded(from_store(store.outcomes(limit=600))))
+    assert first != second
+    return first, second
+
+
+def serving(app: Tactician, planner: PlannerService) -> str | None:
+    """Run one planner pass and say which models the ranker serves."""
+    watch = next(h for h in planner.hooks if isinstance(h, ModelWatch))
+    watch.every_s = 0.0  # look every pass, not every 2 s
+    planner.tick()
+    assert isinstance(planner.ranker, LiveRanker)
+    return planner.ranker.model_version
+
+
+def test_the_planner_serves_the_pinned_models_and_follows_promotions(
+    app: Tactician, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = ModelRegistry(tmp_path)
+    first, second = two_fits(app.store, registry)
+    planner = app.planner()
+    assert serving(app, planner) is None  # nothing promoted, nothing pinned
+    registry.promote(first)
+    assert serving(app, planner) == first  # `models promote`, seen without a restart
+    pinned = f"name: pinned\nmodels: {{default: {second[:12]}}}\n"
+    app.gate.deploy(ROOT, pinned, "pinned.yaml")
+    assert serving(app, planner) == second
+    assert app.ranker().model_version == second  # `tasks why` explains with the pinned set
+    registry.promote(first)
+    assert serving(app, planner) == second  # a pin outlasts promotions
+    app.gate.deploy(ROOT, "name: unpinned\n", "unpinned.yaml")
+    assert serving(app, planner) == first
+    app.gate.rollback(ROOT, "back to the pinned set")
+    assert serving(app, planner) == second
+    caplog.set_level(logging.ERROR, "tactician.decide")
+    app.gate.deploy(ROOT, "name: unknown\nmodels: {default: abcdef012345}\n", "unknown.yaml")
+    assert serving(app, planner) == second  # cannot be found: the models in service stay
+    assert serving(app, planner) == second
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors  # said once, not every pass
+    assert "no model set has version 'abcdef012345'" in errors[0]
+
+
+def test_a_refit_under_a_pin_is_saved_but_not_promoted(app: Tactician, tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path)
+    first, _ = two_fits(app.store, registry)
+    app.gate.deploy(ROOT, f"name: pinned\nmodels: {{default: {first[:12]}}}\n", "pinned.yaml")
+    planner = app.planner()
+    ranker = planner.ranker
+    assert isinstance(ranker, LiveRanker)
+    refit = Refitter(app.store, ranker, registry, every=100, check_every_s=0.0)
+    refit.pinned = lambda: True
+    record(app.store, 150, random.Random(3))
+    refit(time.time())
+    assert len(refit.fits) == 1 and refit.fits[0] not in (first, None)
+    assert registry.active_version() is None
+    assert serving(app, planner) == first

@@ -158,6 +158,7 @@ class Agent:
         from tactician.store.registry import ModelRegistry
 
         app = self.app
+        app.leased_kinds = set(bundle.global_limits)
         for kind in bundle.global_limits:
             spec = app.kinds.get(kind)
             if spec is not None:

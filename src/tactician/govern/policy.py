@@ -10,11 +10,12 @@ duration ("2h" or 7200) do not change it.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Annotated, Any, Literal, Self
 
 import yaml
@@ -30,7 +31,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from tactician.domain import RateLimit
+from tactician.domain import KindSpec, RateLimit
 from tactician.errors import InvalidInput
 from tactician.govern.audit import canonical_json as _canonical
 from tactician.govern.sources import Sources
@@ -189,6 +190,8 @@ class Thresholds(_Model):
 
 
 class KindLimits(_Model):
+    """What the bundle sets for one kind, over what its code declared (`limited`)."""
+
     rate: Annotated[str, AfterValidator(_rate)] | None = None
     burst: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] | None = None
     max_concurrency: Annotated[int, Strict(), Field(ge=1)] | None = None
@@ -203,6 +206,33 @@ class KindLimits(_Model):
     @property
     def rate_limit(self) -> RateLimit | None:
         return None if self.rate is None else RateLimit.parse(self.rate, self.burst)
+
+
+def limited(
+    kinds: Mapping[str, KindSpec],
+    limits: Mapping[str, KindLimits],
+    leased: Collection[str] = (),
+) -> Mapping[str, KindSpec]:
+    """`kinds` with the bundle's `limits` in place of what their code declared: a rate (with
+    its burst), a concurrency ceiling, a concurrency key; what a limit leaves out stays as
+    declared, and a limit for a kind not among `kinds` is ignored. The kinds in `leased` keep
+    their rate: an edge agent spends tokens the centre lends for them (tactician.agent)."""
+    if not limits:
+        return kinds
+    result = dict(kinds)
+    for name, limit in limits.items():
+        spec = result.get(name)
+        if spec is None:
+            continue
+        changes: dict[str, Any] = {}
+        if limit.rate is not None and name not in leased:
+            changes["rate"] = limit.rate_limit
+        if limit.max_concurrency is not None:
+            changes["max_concurrency"] = limit.max_concurrency
+        if limit.concurrency_key is not None:
+            changes["concurrency_key"] = limit.concurrency_key
+        result[name] = dataclasses.replace(spec, **changes)
+    return result
 
 
 class RuleMatch(_Model):
@@ -323,6 +353,10 @@ class DriftSpec(_Model):
     """Population stability index above which a feature has drifted."""
 
 
+SERVED_MODELS = "default"
+"""The model set of a bundle's `models` that the decision service serves, when pinned."""
+
+
 class PolicyBundle(_Model):
     name: Name
     description: str | None = None
@@ -338,7 +372,8 @@ class PolicyBundle(_Model):
     """In order: the first rule that matches applies."""
     templates: tuple[Template, ...] = ()
     models: dict[str, Annotated[str, AfterValidator(_hex)]] = Field(default_factory=dict)
-    """Pinned model version per model set: a sha256 hex prefix."""
+    """Pinned model version per model set: a sha256 hex prefix. The decision service serves
+    the one under SERVED_MODELS; an edge agent is sent them all."""
     drift: DriftSpec = Field(default_factory=DriftSpec)
     sources: Sources = ()
     """Buses `tactician ingest` pulls events from (tactician.govern.sources)."""

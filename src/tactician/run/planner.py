@@ -65,6 +65,7 @@ class PlannerService:
         ranker: Ranker | None = None,
         hooks: tuple[TickHook, ...] = (),
         holder: str | None = None,
+        limits: Callable[[Mapping[str, KindSpec]], Mapping[str, KindSpec]] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -72,6 +73,8 @@ class PlannerService:
         self.ranker = ranker
         """The decision service's scorer; None: earliest deadline first, as read."""
         self.hooks = hooks
+        self.limits = limits
+        """The registered kinds under the live bundle's `limits` (None: as registered)."""
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._kinds: Mapping[str, KindSpec] = {}
         self._kinds_at = -1e9
@@ -82,7 +85,7 @@ class PlannerService:
         if time.monotonic() - self._kinds_at > KINDS_REFRESH_S:
             self._kinds = self.store.kinds()
             self._kinds_at = time.monotonic()
-        return self._kinds
+        return self._kinds if self.limits is None else self.limits(self._kinds)
 
     def tick(self) -> TickReport:
         """One pass with every chore: leadership, promote, reap, schedules, plan."""

@@ -29,7 +29,7 @@ log = logging.getLogger("tactician.schedules")
 
 
 class KindSource(Protocol):
-    def known_kinds(self) -> dict[str, KindSpec]: ...
+    def known_kinds(self) -> Mapping[str, KindSpec]: ...
 
 
 def spec_from_row(row: ScheduleRow) -> ScheduleSpec:

@@ -861,8 +861,8 @@ class SqlStore(
             for t in targets.keys() | ceiling.keys()
         }
         for t, most in ceiling.items():  # adaptive, but no result seen yet: start at the ceiling
-            if allowed[t] is None:
-                allowed[t] = most
+            now_allowed = allowed[t]
+            allowed[t] = most if now_allowed is None else min(now_allowed, most)
         limited = sorted(t for t, n in allowed.items() if n is not None)
         in_flight: dict[str, int] = {}
         if limited:
