@@ -31,6 +31,7 @@ objective:
   optimism: 0.5
   lst: 0.25
   max_wait: 2h
+  reserve: true
   fair_share:
     shares: {ops: 2, analytics: 1}
     weight: 1.5
@@ -90,6 +91,7 @@ def test_a_full_bundle_parses_every_field() -> None:
         0.25,
     )
     assert objective.max_wait == 7200.0
+    assert objective.reserve and not DEFAULT_BUNDLE.objective.reserve
     assert objective.fair_share is not None
     fair = objective.fair_share
     assert (fair.shares, fair.weight, fair.half_life) == (
@@ -268,6 +270,10 @@ BAD = {
         "name: t\nobjective: {scorer: magic}\n",
         "2: objective.scorer: must be one of 'fifo', 'edf', 'wspt', 'atc' or 'learned', "
         "not 'magic'",
+    ),
+    "reserve not a boolean": (
+        "name: t\nobjective: {reserve: maybe}\n",
+        "2: objective.reserve: must be true or false",
     ),
     "wrong type": (
         "name: t\nthresholds: {confidence: high}\n",

@@ -100,6 +100,13 @@ def durations(backlog: Backlog, rows: Rows) -> Array:
     return backlog.fallback_duration(rows, DEFAULT_ESTIMATE)
 
 
+def expected_runs(backlog: Backlog, rows: Rows) -> Array:
+    """The run times reservations plan with: the predicted median once the models have
+    predicted it, else what the classic rules assume (`durations`)."""
+    p50 = backlog.p50[rows]
+    return np.where(np.isnan(p50), durations(backlog, rows), p50)
+
+
 class Fifo:
     """First submitted, first started."""
 

@@ -180,6 +180,10 @@ class ObjectiveSpec(_Model):
     oldest first, and if it does not fit it holds its pool until it starts (no task starves,
     a wide one included). None: no bound."""
     fair_share: FairShareSpec | None = None
+    reserve: Annotated[bool, Strict()] = False
+    """EASY backfilling in the live planner: the first task of a full pool gets a reservation
+    at the time the running tasks' expected ends free its units, and a later task starts before
+    it only if it is expected to end by then or fits in the units it leaves spare."""
 
 
 class Thresholds(_Model):

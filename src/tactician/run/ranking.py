@@ -34,7 +34,14 @@ from tactician.decide.features import (
 )
 from tactician.decide.learned import Learned, Objective
 from tactician.decide.predictors import ModelSet
-from tactician.decide.scorers import LAST, PoolView, RankRequest, Scorer, get_scorer
+from tactician.decide.scorers import (
+    LAST,
+    PoolView,
+    RankRequest,
+    Scorer,
+    expected_runs,
+    get_scorer,
+)
 from tactician.decide.service import Snapshot, confidence, spread_confidence
 from tactician.decide.shares import FairBook, aged
 from tactician.govern.approvals import RuleSpec
@@ -118,6 +125,9 @@ class LiveRanker:
         """Tenants' recent usage under the policy's `objective.fair_share` (None: off); fed
         from the outcomes `refresh` reads."""
         self._fair_spec: FairShareSpec | None = None
+        self.reserve = False
+        """The policy's `objective.reserve`: the store then asks `expected_runs` and plans
+        EASY reservations (store.protocol.Reserving)."""
         self.max_wait: float | None = None
         """The policy's aging bound (`objective.max_wait`): a task released longer ago goes
         first, and holds its pool if it does not fit (`plan.capacity.HOLD_BELOW`)."""
@@ -151,14 +161,16 @@ class LiveRanker:
         gate_rules: Sequence[RuleSpec] = (),
         max_wait: float | None = None,
         fair_share: FairShareSpec | None = None,
+        reserve: bool = False,
     ) -> None:
-        """Rank with a newly deployed (or rolled back) bundle's scorer, rules, aging bound and
-        fair shares (a drift fallback ends with it: the drift watch engages it again under the
-        new bundle). Usage is counted from the outcomes read after the shares are set, and kept
-        while they stay the same."""
+        """Rank with a newly deployed (or rolled back) bundle's scorer, rules, aging bound, fair
+        shares and reservations (a drift fallback ends with it: the drift watch engages it
+        again under the new bundle). Usage is counted from the outcomes read after the shares
+        are set, and kept while they stay the same."""
         self.fallback = None
         self.policy_version = version
         self.max_wait = max_wait
+        self.reserve = reserve
         if fair_share != self._fair_spec:
             self._fair_spec = fair_share
             self.fair = (
@@ -324,6 +336,11 @@ class LiveRanker:
             ranks = self._gate(ready, rows, ranks, now)
         counters.decision_latency(1, time.perf_counter() - began)
         return [float(r) for r in ranks]
+
+    def expected_runs(self, ready: Sequence[ReadyRow]) -> list[float]:
+        """Each task's expected run (the predicted median, else its estimate or its kind's
+        recorded median), for tasks this ranker has just ranked."""
+        return [float(x) for x in expected_runs(self.backlog, self.rows_of(ready))]
 
     def _split(
         self, ready: Sequence[ReadyRow], request: RankRequest, ranks: np.ndarray

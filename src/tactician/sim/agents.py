@@ -50,7 +50,7 @@ import numpy as np
 
 from tactician.decide.features import Backlog
 from tactician.decide.learned import Learned
-from tactician.decide.scorers import Learner, PoolView, RankRequest, Scorer, durations
+from tactician.decide.scorers import Learner, PoolView, RankRequest, Scorer, expected_runs
 from tactician.errors import InvalidInput
 from tactician.plan.capacity import Candidate, CapacityView, KindLimits, plan_starts
 from tactician.plan.flow import Bucket
@@ -468,7 +468,7 @@ class _World:
         order = keep[np.lexsort((backlog.seq[rows[keep]], ranks[keep]))]
         view = CapacityView(pool_capacity=caps, pool_used=dict(planner.used))
         self._limits(planner, view, now)
-        expected = self._expected(backlog, rows[order]) if self.reserve else None
+        expected = expected_runs(backlog, rows[order]) if self.reserve else None
         if self.reserve:
             view.reserve = True
             view.running_ends = {
@@ -486,7 +486,7 @@ class _World:
         planner.cpu += spent
         if plan.starts:
             started = [int(c.id) for c in plan.starts]
-            guess = self._expected(backlog, np.array([self.row[i] for i in started]))
+            guess = expected_runs(backlog, np.array([self.row[i] for i in started]))
             for i, run_for in zip(started, guess.tolist(), strict=True):
                 self.begin(planner, i, now, float(run_for))
         if self.mode == CENTRAL:
@@ -558,12 +558,6 @@ class _World:
                 float(ranks[k]),
                 None if expected is None else float(expected[n]),
             )
-
-    @staticmethod
-    def _expected(backlog: Backlog, rows: np.ndarray) -> np.ndarray:
-        """The scorer's expected run time of rows (p50 once predicted), as the simulator's."""
-        p50 = backlog.p50[rows]
-        return np.where(np.isnan(p50), durations(backlog, rows), p50)
 
     def begin(self, planner: _Planner, i: int, now: float, run_for: float) -> None:
         site, site_pool, units = self.site_of[i], self.site_pool[i], self.units[i]

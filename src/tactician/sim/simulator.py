@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tactician.decide.features import Backlog, ScoredTask
-from tactician.decide.scorers import Learner, PoolView, RankRequest, Scorer, durations
+from tactician.decide.scorers import Learner, PoolView, RankRequest, Scorer, expected_runs
 from tactician.errors import InvalidInput
 from tactician.plan.capacity import HOLD_BELOW, Candidate, CapacityView, plan_starts
 from tactician.sim.workload import WorkloadTask
@@ -360,7 +360,7 @@ class _Run:
         expected = {}
         if plan.starts:
             rows = np.array([self.row[int(c.id)] for c in plan.starts], dtype=np.int64)
-            guess = self._expected(rows)
+            guess = expected_runs(self.backlog, rows)
             expected = {int(c.id): float(g) for c, g in zip(plan.starts, guess, strict=True)}
         for i in taken:
             if self.scan:
@@ -392,11 +392,6 @@ class _Run:
             if any(self.pools[int(c.id)][0] == pool for c in plan.starts):
                 self.dirty.add(pool)
                 self.push(now, _REPLAN, -1)
-
-    def _expected(self, rows: np.ndarray) -> np.ndarray:
-        """The scorer's expected run time of rows about to start (p50 once predicted)."""
-        p50 = self.backlog.p50[rows]
-        return np.where(np.isnan(p50), durations(self.backlog, rows), p50)
 
     def _fitting(
         self, rows: np.ndarray, ranks: np.ndarray, seqs: np.ndarray, free: int, limit: int
@@ -503,7 +498,7 @@ class _Run:
                 capped.add(pool)  # more may fit than were offered: plan again at this instant
             if reserve:
                 for k, value in zip(
-                    order.tolist(), self._expected(rows[order]).tolist(), strict=True
+                    order.tolist(), expected_runs(self.backlog, rows[order]).tolist(), strict=True
                 ):
                     expected[self.index_of[int(rows[k])]] = value
             entries = ((float(ranks[k]), int(seqs[k]), self.index_of[int(rows[k])]) for k in order)

@@ -51,6 +51,7 @@ from tactician.store.protocol import (
     Ranker,
     ReadyRow,
     ReapReport,
+    Reserving,
     ScheduleRow,
     TaskFilter,
 )
@@ -790,18 +791,25 @@ class SqlStore(
                 return PlanReport()
             candidates = [Candidate(*row[:7]) for row in rows]
             view, targets, shared = self._capacity_view(cur, candidates, kinds, now)
+            reserving = ranker if isinstance(ranker, Reserving) and ranker.reserve else None
             if ranker is not None:
-                candidates = _reranked(candidates, ranker(rows, view, now))
+                ranks = ranker(rows, view, now)
+                expected = None if reserving is None else reserving.expected_runs(rows)
+                candidates = _reranked(candidates, ranks, expected)
+            if reserving is not None:
+                view.reserve = True
+                view.running_ends = self._running_ends(cur, candidates, view, now)
             plan = planner(candidates, view, now, room)
             if plan.starts:
                 expires = now + self.settings.dispatch_timeout
                 for chunk in _chunks(plan.starts, 2000):  # one statement per chunk
-                    values = ", ".join(["(?, ?)"] * len(chunk))
+                    values = ", ".join(["(?, ?, CAST(? AS DOUBLE PRECISION))"] * len(chunk))
                     cur.execute(
-                        f"WITH v (id, rank) AS (VALUES {values}) UPDATE tasks SET "
-                        "state = 'leased', rank = v.rank, lease_expires_at = ? "
+                        f"WITH v (id, rank, expected) AS (VALUES {values}) UPDATE tasks SET "
+                        "state = 'leased', rank = v.rank, lease_expires_at = ?, "
+                        "expected_s = v.expected "
                         "FROM v WHERE tasks.id = v.id AND tasks.state = 'ready'",
-                        [*(x for c in chunk for x in (c.id, c.rank)), expires],
+                        [*(x for c in chunk for x in (c.id, c.rank, c.expected)), expires],
                     )
                 ids = [c.id for c in plan.starts]
                 made = provenance(ids) if provenance is not None else {}
@@ -823,6 +831,29 @@ class SqlStore(
                 )
         started = tuple(c.id for c in plan.starts)
         return PlanReport(len(candidates), len(plan.starts), plan.blocked, plan.wake_in, started)
+
+    def _running_ends(
+        self, cur: Cursor, candidates: list[Candidate], view: CapacityView, now: float
+    ) -> dict[str, list[tuple[float, int]]]:
+        """Per bounded pool of the pass, (expected end, units) of the tasks holding its units,
+        earliest first: when each started (now, if granted but not claimed yet) plus the run the
+        planner expected when it granted it; unknown (granted without one) sorts last."""
+        pools = sorted({c.pool for c in candidates if view.pool_capacity.get(c.pool) is not None})
+        if not pools:
+            return {}
+        clause, params = self._in("pool", pools)
+        cur.execute(
+            "SELECT pool, CASE WHEN state = 'running' THEN started_at ELSE ? END + expected_s, "
+            f"units FROM tasks "
+            f"WHERE state IN {ACTIVE} AND {clause}",
+            [now, *params],
+        )
+        ends: dict[str, list[tuple[float, int]]] = {}
+        for pool, end, units in cur.fetchall():
+            ends.setdefault(pool, []).append((math.inf if end is None else end, int(units)))
+        for found in ends.values():
+            found.sort()
+        return ends
 
     def _capacity_view(
         self, cur: Cursor, candidates: list[Candidate], kinds: Mapping[str, KindSpec], now: float
@@ -1198,10 +1229,14 @@ def _batch_entry(
     return Entry(actor.name, action, subject, {**detail, **extra, "tasks": list(task_ids)})
 
 
-def _reranked(candidates: list[Candidate], ranks: Sequence[float]) -> list[Candidate]:
+def _reranked(
+    candidates: list[Candidate],
+    ranks: Sequence[float],
+    expected: Sequence[float] | None = None,
+) -> list[Candidate]:
     """Candidates in rank order, ties by deadline (as read), with ranks made strictly
-    increasing so that workers claim in exactly this order. A rank of +inf keeps the task
-    waiting this pass (deferred by the decision service)."""
+    increasing so that workers claim in exactly this order, and with their `expected` runs if
+    given. A rank of +inf keeps the task waiting this pass (deferred by the decision service)."""
     order = sorted(
         (k for k in range(len(candidates)) if ranks[k] != math.inf), key=lambda k: (ranks[k], k)
     )
@@ -1209,7 +1244,10 @@ def _reranked(candidates: list[Candidate], ranks: Sequence[float]) -> list[Candi
     previous = -math.inf
     for k in order:
         rank = max(float(ranks[k]), math.nextafter(previous, math.inf))
-        result.append(candidates[k]._replace(rank=rank))
+        if expected is None:
+            result.append(candidates[k]._replace(rank=rank))
+        else:
+            result.append(candidates[k]._replace(rank=rank, expected=float(expected[k])))
         previous = rank
     return result
 

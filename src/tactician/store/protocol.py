@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from tactician.domain import Attempt, Claim, KindSpec, NewTask, Pool, Result, TargetState, Task
 from tactician.govern.audit import AuditRecord, Entry
@@ -57,6 +57,25 @@ class ReadyRow(NamedTuple):
 
 Ranker = Callable[[Sequence[ReadyRow], CapacityView, float], Sequence[float]]
 """Ranks a planning pass's ready tasks (lower starts first): the decision service's scorer."""
+
+
+@runtime_checkable
+class Reserving(Protocol):
+    """A ranker that can plan EASY reservations: with `reserve` set, the first task of a full
+    pool gets the units the running tasks free by their expected ends, and a later task starts
+    before it only if it is expected to end first or fits beside it (plan.capacity)."""
+
+    reserve: bool
+
+    def __call__(
+        self, ready: Sequence[ReadyRow], view: CapacityView, now: float
+    ) -> Sequence[float]: ...
+
+    def expected_runs(self, ready: Sequence[ReadyRow]) -> Sequence[float]:
+        """Each task's expected run in seconds, for tasks just ranked (in `ready`'s order)."""
+        ...
+
+
 Provenance = Callable[[Sequence[str]], Mapping[str, Any]]
 """Given the tasks a pass started, what decided them (policy, model, scorer, experiment arm):
 kept in the audit record of the pass."""
