@@ -367,6 +367,59 @@ def test_a_permanently_refused_recipient_ends_the_email(app: Tactician, mailbox:
 # --- bad input -------------------------------------------------------------------------------
 
 
+def test_secrets_named_by_environment_variables_stay_out_of_the_payload(
+    app: Tactician, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TACTICIAN_TEST_HOOK_URL", f"{receiver.url}/secret-path")
+    monkeypatch.setenv("TACTICIAN_TEST_HOOK_TOKEN", "Bearer s3cret")
+    channel = Channel.from_mapping(
+        "ops-hook",
+        {
+            "type": "webhook",
+            "url_env": "TACTICIAN_TEST_HOOK_URL",
+            "headers": {"X-Team": "ops"},
+            "headers_env": {"Authorization": "TACTICIAN_TEST_HOOK_TOKEN"},
+        },
+    )
+    task_id = send(app, channel, "Task late", "j42 missed its deadline")
+    stored = json.dumps(app.get(task_id).payload)
+    assert "secret-path" not in stored and "s3cret" not in stored
+    assert "TACTICIAN_TEST_HOOK_URL" in stored
+
+    deliver(app, task_id)
+
+    assert app.get(task_id).state is TaskState.SUCCEEDED, app.get(task_id).last_error
+    (request,) = receiver.to("/secret-path")
+    assert request.headers["authorization"] == "Bearer s3cret"
+    assert request.headers["x-team"] == "ops"
+
+
+def test_a_secret_the_worker_does_not_have_ends_the_notification(app: Tactician) -> None:
+    channel = Channel.from_mapping("ops", {"type": "slack", "url_env": "TACTICIAN_TEST_UNSET"})
+    task_id = send(app, channel, "Pool full", "drivers at 100%")
+
+    deliver(app, task_id)
+
+    task = app.get(task_id)
+    assert (task.state, task.attempt) == (TaskState.DEAD, 1)
+    assert task.last_error == (
+        "HandlerError: notification payload: slack channel ops: the environment variable "
+        "TACTICIAN_TEST_UNSET is not set here"
+    )
+
+
+def test_an_email_password_is_read_from_the_environment() -> None:
+    data = {**EMAIL, "username": "bot", "password_env": "SMTP_PASSWORD"}
+    channel = Channel.from_mapping("mail", data)
+    assert "password" not in notification(channel, "s", "t").payload
+    assert channel.resolved({"SMTP_PASSWORD": "hunter2"}).password == "hunter2"
+    with pytest.raises(
+        InvalidInput,
+        match=r"^email channel mail: the environment variable SMTP_PASSWORD is not set here$",
+    ):
+        channel.resolved({})
+
+
 def test_a_payload_submitted_by_hand_is_checked_by_the_handler(app: Tactician) -> None:
     task_id = app.submit(NOTIFY_KIND, {"channel": "webhook", "subject": "s", "text": "t"})
 
@@ -409,6 +462,18 @@ HOOK: dict[str, Any] = {"type": "webhook", "url": "https://hooks.example.test/x"
         ("mail", {**EMAIL, "starttls": "yes"}, "starttls must be true or false"),
         ("mail", {**EMAIL, "password": "hunter2"}, "username and password go together"),
         ("mail", {**EMAIL, "smtp_host": "x"}, "unknown field 'smtp_host' for email channels"),
+        (
+            "ops",
+            {**HOOK, "url_env": "HOOK_URL"},
+            "webhook channel ops: give the url or its environment variable, not both",
+        ),
+        ("ops", {"type": "slack", "url_env": "not a name"}, "needs an environment variable's"),
+        (
+            "ops",
+            {**HOOK, "headers": {"A": "x"}, "headers_env": {"A": "A_VALUE"}},
+            "give the header 'A' or its environment variable, not both",
+        ),
+        ("mail", {**EMAIL, "password_env": "PW"}, "username and password go together"),
     ],
 )
 def test_a_bad_channel_is_refused_and_nothing_is_submitted(

@@ -5,12 +5,19 @@ visible like any other task. Its payload carries everything the handler needs (c
 destination, message), so any worker delivers it without reading configuration:
 
     app.submit_many([notification(channel, "Task late", "job 42 missed its deadline")])
+
+A payload is readable by whoever can read tasks, so a channel can name its secrets by the
+environment variable that holds them instead (`url_env`, `headers_env`, `password_env`): the
+payload then carries the variable's name, and the worker that sends reads its value.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import json
+import os
+import re
 import smtplib
 import ssl
 from collections.abc import Mapping, Sequence
@@ -33,9 +40,10 @@ target fails with a message rather than a killed runner."""
 
 ChannelType = Literal["webhook", "slack", "email"]
 CHANNEL_TYPES: tuple[str, ...] = get_args(ChannelType)
-_HTTP_FIELDS = frozenset({"type", "url", "headers"})
+_HTTP_FIELDS = frozenset({"type", "url", "headers", "url_env", "headers_env"})
 _EMAIL_FIELDS = frozenset({"type", "host", "port", "sender", "to", "starttls"})
-_EMAIL_FIELDS |= {"username", "password"}
+_EMAIL_FIELDS |= {"username", "password", "password_env"}
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SLACK_TEXT_LIMIT = 3000  # characters in a section's text
 _SLACK_FIELD_LIMIT = 2000  # characters in one section field
 _SLACK_MAX_FIELDS = 10
@@ -69,6 +77,12 @@ class Channel:
     starttls: bool = False
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    url_env: str | None = None
+    """The environment variable that holds the URL (read by the worker that sends)."""
+    headers_env: Mapping[str, str] = field(default_factory=dict, hash=False)
+    """Header name → the environment variable that holds its value."""
+    password_env: str | None = None
+    """The environment variable that holds the SMTP password."""
 
     @classmethod
     def from_mapping(cls, name: str, data: Any) -> Channel:
@@ -97,8 +111,9 @@ class Channel:
             fields["to"] = [fields["to"]]
         if isinstance(fields.get("to"), list | tuple):
             fields["to"] = tuple(fields["to"])
-        if isinstance(fields.get("headers"), Mapping):
-            fields["headers"] = dict(fields["headers"])
+        for key in ("headers", "headers_env"):
+            if isinstance(fields.get(key), Mapping):
+                fields[key] = dict(fields[key])
         return cls(type=kind, name=name, **fields)
 
     def __post_init__(self) -> None:
@@ -110,14 +125,51 @@ class Channel:
             self._check_http()
 
     def _check_http(self) -> None:
-        parts = urlsplit(self.url) if isinstance(self.url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidInput(f"{self}: url must be an http(s) URL with a host")
-        if not isinstance(self.headers, Mapping):
-            raise InvalidInput(f"{self}: headers must be a mapping of names to values")
-        for key, value in self.headers.items():
-            if not (isinstance(key, str) and isinstance(value, str)) or _multiline(key + value):
-                raise InvalidInput(f"{self}: header {key!r} must be a one-line string")
+        if self.url_env is not None:
+            self._check_env("url", self.url_env, self.url)
+        else:
+            parts = urlsplit(self.url) if isinstance(self.url, str) else None
+            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+                raise InvalidInput(f"{self}: url must be an http(s) URL with a host")
+        for field_name in ("headers", "headers_env"):
+            headers = getattr(self, field_name)
+            if not isinstance(headers, Mapping):
+                raise InvalidInput(f"{self}: {field_name} must be a mapping of names to values")
+            for key, value in headers.items():
+                if not (isinstance(key, str) and isinstance(value, str)) or _multiline(key + value):
+                    raise InvalidInput(f"{self}: header {key!r} must be a one-line string")
+        for key, name in self.headers_env.items():
+            self._check_env(f"header {key!r}", name, self.headers.get(key))
+
+    def _check_env(self, what: str, name: object, given: object) -> None:
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
+            raise InvalidInput(f"{self}: {what} needs an environment variable's name, got {name!r}")
+        if given is not None:
+            raise InvalidInput(f"{self}: give the {what} or its environment variable, not both")
+
+    def resolved(self, environ: Mapping[str, str]) -> Channel:
+        """This channel with the secrets it names read from `environ` (checked as if written
+        in place); a variable that is not set is refused, naming it."""
+        values: dict[str, str] = {}
+        for name in [self.url_env, self.password_env, *self.headers_env.values()]:
+            if name is None:
+                continue
+            value = environ.get(name)
+            if not value:
+                raise InvalidInput(f"{self}: the environment variable {name} is not set here")
+            values[name] = value
+        if not values:
+            return self
+        headers = dict(self.headers) | {k: values[v] for k, v in self.headers_env.items()}
+        return dataclasses.replace(
+            self,
+            url=values[self.url_env] if self.url_env else self.url,
+            password=values[self.password_env] if self.password_env else self.password,
+            headers=headers,
+            url_env=None,
+            password_env=None,
+            headers_env={},
+        )
 
     def _check_email(self) -> None:
         if not isinstance(self.host, str) or not self.host.strip() or _multiline(self.host):
@@ -136,7 +188,10 @@ class Channel:
         for key in ("username", "password"):
             if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
                 raise InvalidInput(f"{self}: {key} must be a string")
-        if (self.username is None) != (self.password is None):
+        if self.password_env is not None:
+            self._check_env("password", self.password_env, self.password)
+        has_password = self.password is not None or self.password_env is not None
+        if (self.username is None) == has_password:
             raise InvalidInput(f"{self}: username and password go together")
 
     def __str__(self) -> str:
@@ -155,13 +210,14 @@ class Channel:
     def payload_fields(self) -> dict[str, Any]:
         """This channel as the fields of a notify task's payload."""
         if self.type != "email":
-            fields: dict[str, Any] = {"url": self.url}
-            return fields | ({"headers": dict(self.headers)} if self.headers else {})
-        fields = {"host": self.host, "port": self.port, "sender": self.sender}
-        fields |= {"to": list(self.to), "starttls": self.starttls}
-        if self.username is not None:
+            fields: dict[str, Any] = {"url": self.url, "url_env": self.url_env}
+            fields |= {"headers": dict(self.headers), "headers_env": dict(self.headers_env)}
+        else:
+            fields = {"host": self.host, "port": self.port, "sender": self.sender}
+            fields |= {"to": list(self.to), "starttls": self.starttls}
             fields |= {"username": self.username, "password": self.password}
-        return fields
+            fields |= {"password_env": self.password_env}
+        return {key: value for key, value in fields.items() if value not in (None, {})}
 
 
 def notification(
@@ -205,6 +261,9 @@ def notify(
     starttls: bool | None = None,
     username: str | None = None,
     password: str | None = None,
+    url_env: str | None = None,
+    headers_env: Mapping[str, str] | None = None,
+    password_env: str | None = None,
 ) -> None:
     """The handler: deliver one notification, or raise a one-line error naming where it went."""
     given: dict[str, Any] = {
@@ -215,9 +274,10 @@ def notify(
         "port": port,
     }
     given |= {"sender": sender, "to": to, "starttls": starttls}
-    given |= {"username": username, "password": password}
+    given |= {"username": username, "password": password, "password_env": password_env}
+    given |= {"url_env": url_env, "headers_env": headers_env}
     try:
-        target = Channel._parse(channel_name or "", given)
+        target = Channel._parse(channel_name or "", given).resolved(os.environ)
     except InvalidInput as exc:
         # The same payload will be just as wrong on the next attempt.
         raise HandlerError(f"notification payload: {exc.message}", retryable=False) from None
