@@ -181,3 +181,25 @@ def test_a_refit_under_a_pin_is_saved_but_not_promoted(app: Tactician, tmp_path:
     assert len(refit.fits) == 1 and refit.fits[0] not in (first, None)
     assert registry.active_version() is None
     assert serving(app, planner) == first
+
+
+def test_the_policys_ood_limit_replaces_the_trained_one_until_it_is_lifted(
+    app: Tactician, tmp_path: Path
+) -> None:
+    registry = ModelRegistry(tmp_path)
+    first, _ = two_fits(app.store, registry)
+    registry.promote(first)
+    trained = registry.load(first).limit
+    planner = app.planner()
+    ranker = planner.ranker
+    assert isinstance(ranker, LiveRanker)
+
+    def served(text: str) -> float:
+        app.gate.deploy(ROOT, text, "policy.yaml")
+        planner.tick()
+        assert ranker.models is not None and ranker.model_version == first
+        return ranker.models.limit
+
+    assert served("name: own\n") == trained
+    assert served("name: strict\nthresholds: {ood: 2.5}\n") == 2.5
+    assert served("name: lifted\n") == trained

@@ -158,7 +158,7 @@ def test_durations_become_seconds(written: str, seconds: float) -> None:
 def test_the_default_bundle_is_builtin_with_defaults_everywhere() -> None:
     assert parse_bundle("name: builtin\n") == DEFAULT_BUNDLE
     assert DEFAULT_BUNDLE.objective.scorer == "learned"
-    assert (DEFAULT_BUNDLE.thresholds.confidence, DEFAULT_BUNDLE.thresholds.ood) == (0.3, 3.0)
+    assert (DEFAULT_BUNDLE.thresholds.confidence, DEFAULT_BUNDLE.thresholds.ood) == (0.3, None)
     assert DEFAULT_BUNDLE.approvals == () and DEFAULT_BUNDLE.pools == {}
 
 

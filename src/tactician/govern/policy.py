@@ -189,8 +189,10 @@ class ObjectiveSpec(_Model):
 class Thresholds(_Model):
     confidence: Fraction = 0.3
     """A decision less confident than this is escalated."""
-    ood: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] = 3.0
-    """A decision whose out-of-distribution distance is above this is escalated."""
+    ood: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] | None = None
+    """A task whose numeric features are further than this from the models' training rows
+    (mean squared z-score) is out of distribution, and its decision is escalated. None: the
+    limit each model set was trained with (1.5 x its training rows' 99.9th percentile)."""
 
 
 class KindLimits(_Model):

@@ -13,6 +13,7 @@ scalars as features, and each kind's history of recorded outcomes (read from the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -116,6 +117,9 @@ class LiveRanker:
     ) -> None:
         self.scorer = scorer
         self.models = models
+        """The models served: those given to `use`, with the policy's `ood` limit if any."""
+        self._given = models
+        self.ood_limit: float | None = None
         self.store = store
         self.history = KindHistory()
         self.advice: dict[str, tuple[Decision, float]] = {}
@@ -151,8 +155,14 @@ class LiveRanker:
     def use(self, models: ModelSet) -> None:
         """Serve these models from the next pass on (every task is encoded and predicted
         anew)."""
-        self.models = models
+        self._given = models
+        self.models = self._served(models)
         self._reset()
+
+    def _served(self, models: ModelSet | None) -> ModelSet | None:
+        if models is None or self.ood_limit is None:
+            return models
+        return dataclasses.replace(models, limit=self.ood_limit)
 
     def use_policy(
         self,
@@ -162,15 +172,18 @@ class LiveRanker:
         max_wait: float | None = None,
         fair_share: FairShareSpec | None = None,
         reserve: bool = False,
+        ood: float | None = None,
     ) -> None:
         """Rank with a newly deployed (or rolled back) bundle's scorer, rules, aging bound, fair
-        shares and reservations (a drift fallback ends with it: the drift watch engages it
-        again under the new bundle). Usage is counted from the outcomes read after the shares
-        are set, and kept while they stay the same."""
+        shares, reservations and out-of-distribution limit (a drift fallback ends with it: the
+        drift watch engages it again under the new bundle). Usage is counted from the outcomes
+        read after the shares are set, and kept while they stay the same."""
         self.fallback = None
         self.policy_version = version
         self.max_wait = max_wait
         self.reserve = reserve
+        self.ood_limit = ood
+        self.models = self._served(self._given)
         if fair_share != self._fair_spec:
             self._fair_spec = fair_share
             self.fair = (
