@@ -25,7 +25,7 @@ from tactician.run.advisor import AdvisorConfig, BackgroundAdvisor, LLMAdvisor
 from tactician.run.drift import DriftWatch
 from tactician.run.escalation import Escalator
 from tactician.run.executors import Handler
-from tactician.run.gate import Gate, GateHook
+from tactician.run.gate import DEFAULT_POLICY, Gate, GateHook
 from tactician.run.merging import Merger
 from tactician.run.notify import NOTIFY_KIND, notify, notify_kind
 from tactician.run.planner import PlannerService
@@ -307,8 +307,16 @@ class Tactician:
         if not os.environ.get("TACTICIAN_LLM_BASE_URL"):
             return None
         advisor = BackgroundAdvisor(LLMAdvisor(AdvisorConfig.from_env(os.environ), SYSTEM_CLOCK))
-        policy = DecidePolicy(confidence_threshold=self.settings.confidence_threshold)
-        return Escalator(self.store, ranker, advisor, policy)
+        return Escalator(self.store, ranker, advisor, self.decide_policy)
+
+    def decide_policy(self) -> DecidePolicy:
+        """The live bundle's decision thresholds (settings' confidence threshold until a bundle
+        is deployed)."""
+        policy = self.gate.policy()
+        threshold = policy.bundle.thresholds.confidence
+        if policy is DEFAULT_POLICY:
+            threshold = self.settings.confidence_threshold
+        return DecidePolicy(version=policy.version, confidence_threshold=threshold)
 
     def served_models(self, registry: ModelRegistry) -> str | None:
         """The model version the decision service serves: the live policy's pin (`models:
@@ -352,14 +360,10 @@ class Tactician:
         )
         now = self.store.db_now() if now is None else now
         snapshot, rows = ranker.snapshot(waiting, view, now)
-        rules = DecidePolicy(
-            version=policy.version,
-            confidence_threshold=policy.bundle.thresholds.confidence,
-        )
         decisions = decide(
             snapshot,
             ranker.scorer,
-            rules,
+            self.decide_policy(),
             model_version=ranker.model_version,
             explain=[rows[t] for t in explain if t in rows],
         )

@@ -10,15 +10,19 @@ from collections.abc import Iterator
 
 import pytest
 
+from tactician.app import Tactician
 from tactician.clock import SYSTEM_CLOCK
 from tactician.decide.decision import Action, Tier
 from tactician.decide.scorers import get_scorer
 from tactician.decide.service import DecidePolicy
-from tactician.domain import NewTask
+from tactician.domain import KindSpec, NewTask
+from tactician.govern.policy import bundle_version
+from tactician.govern.roles import Actor, Role
 from tactician.plan.capacity import plan_starts
 from tactician.run.advisor import AdvisorConfig, BackgroundAdvisor, LLMAdvisor
 from tactician.run.escalation import Escalator
 from tactician.run.ranking import LiveRanker
+from tactician.settings import Settings
 from tactician.store.base import SqlStore
 from tests.integration.driving import Opener, stores_on
 from tests.integration.test_advisor import ChatServer, Reply, chat  # noqa: F401 (a fixture)
@@ -130,3 +134,25 @@ def test_when_the_advisor_fails_tier_1_order_stands(
     assert all(d.tier is Tier.RULES and "tier 1 stands" in (d.note or "") for d in decisions)
     assert all(delta == 0 for _, delta in escalator.ranker.advice.values())
     assert order(store, escalator) == ids  # earliest deadline first, as tier 1 ranked
+
+
+def test_the_escalator_reads_the_live_bundles_thresholds_each_round(
+    sqlite_url: str,
+    chat: ChatServer,  # noqa: F811 (the fixture)
+) -> None:
+    app = Tactician(settings=Settings(db=sqlite_url, scorer="edf", confidence_threshold=0.45))
+    try:
+        app.store.register_kinds([KindSpec("job")])
+        escalator, _ = setup(app.store, chat)
+        chat.default = Reply(content=advice("run", 0.0))
+        assert app.decide_policy() == DecidePolicy("builtin", 0.45)  # no bundle: the settings'
+        root = Actor("root", Role.ADMIN)
+        text = "name: trusting\nthresholds: {confidence: 0.0}\n"
+        app.gate.deploy(root, text, "a.yaml")
+        assert app.decide_policy() == DecidePolicy(bundle_version(text), 0.0)
+        escalator.policy = app.decide_policy
+        assert escalator(time.time()) == 0  # no decision is less sure than 0
+        escalator.policy = lambda: ALWAYS
+        assert escalator(time.time()) == 3  # read again: all three go to the advisor
+    finally:
+        app.close()

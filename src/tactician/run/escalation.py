@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tactician.decide.advice import AdviceRequest
@@ -34,7 +35,8 @@ class Escalator:
     store: Store
     ranker: LiveRanker
     advisor: BackgroundAdvisor
-    policy: DecidePolicy = field(default_factory=DecidePolicy)
+    policy: DecidePolicy | Callable[[], DecidePolicy] = field(default_factory=DecidePolicy)
+    """The thresholds, or where to read them each round (the live bundle's)."""
     every_s: float = 5.0
     limit: int = 5000
     asked: set[str] = field(default_factory=set)
@@ -60,8 +62,9 @@ class Escalator:
         snapshot, _ = self.ranker.snapshot(waiting, view, now)
         sent = 0
         by_id = {w.id: w for w in waiting}
+        rules = self.policy() if callable(self.policy) else self.policy
         for decision in decide(
-            snapshot, self.ranker.scorer, self.policy, model_version=self.ranker.model_version
+            snapshot, self.ranker.scorer, rules, model_version=self.ranker.model_version
         ):
             if decision.action is not Action.ESCALATE or decision.task_id in self.asked:
                 continue
