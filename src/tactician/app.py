@@ -395,8 +395,14 @@ class Tactician:
         finally:
             traces.flush()
 
-    def serve(self, workers: int = 2, options: WorkerOptions | None = None) -> None:
-        """A planner in this process and `workers` worker processes, until SIGTERM/SIGINT."""
+    def serve(
+        self,
+        workers: int = 2,
+        options: WorkerOptions | None = None,
+        services: Sequence[tuple[str, Callable[[], None]]] = (),
+    ) -> None:
+        """A planner in this process, `workers` worker processes and a process for each of
+        `services` (name, what it runs: bus ingestion), until SIGTERM/SIGINT."""
         if workers and not self.user_kinds():
             raise InvalidInput(
                 "serve needs an app with task kinds (--app module:app) for its "
@@ -413,6 +419,7 @@ class Tactician:
             ctx.Process(target=_child_worker, args=(self, options), name=f"worker-{i}")
             for i in range(workers)
         ]
+        children += [ctx.Process(target=run, name=name) for name, run in services]
         for child in children:
             child.start()
         try:

@@ -687,3 +687,33 @@ def test_sources_from_the_live_bundle(pg_url: str, tmp_path: Path) -> None:
         assert ingest.stop() == 0
     assert shop.held() == 0
     assert "source shop: outbox rows" in ingest.text() and "source other" not in ingest.text()
+
+
+def test_serve_with_ingest_runs_the_bundles_sources_beside_the_planner(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """`tactician serve --ingest` pulls the live bundle's sources in a child process, and its
+    SIGTERM stops them with the planner."""
+    app = Tactician(settings=Settings(db=pg_url))
+    app.store.register_kinds([KindSpec("job", pool="p")])
+    bundle = BUNDLE.format(source="shop") + "sources: [{name: shop, type: outbox}]\n"
+    app.gate.deploy(ROOT, bundle, "buses.yaml")
+    app.close()
+    shop = OutboxBus("shop", "-", pg_url)
+    shop.publish([(f"order-{n}", order(n)) for n in range(5)])
+    with Cluster(pg_url, tmp_path) as cluster:
+        serve = Proc(
+            "serve",
+            [TACTICIAN, "serve", "--ingest", "--workers", "0", "--port", "0", "--db", pg_url],
+            cluster.env,
+            cluster.log_dir,
+        )
+        cluster.procs.append(serve)
+        serve.start()
+        wait_until(lambda: tasks_of(pg_url, "shop")[0] == 5, 60, lambda: serve.tail())
+        shop.publish([(f"order-{n}", order(n)) for n in range(5, 8)])  # while it runs
+        wait_until(lambda: tasks_of(pg_url, "shop")[0] == 8, 60, lambda: serve.tail())
+        assert serve.stop() == 0
+    assert shop.held() == 0
+    assert "source shop: outbox rows" in serve.text()
+    assert "source shop: stopped after" in serve.text()  # SIGTERM reached the ingest child

@@ -1,5 +1,6 @@
 """`tactician ingest`: pull events from buses (Redis Streams, NATS JetStream, RabbitMQ, the
-PostgreSQL outbox) and commit them as tasks, until SIGTERM or Ctrl-C.
+PostgreSQL outbox) and commit them as tasks, until SIGTERM or Ctrl-C; `tactician serve --ingest`
+runs the live bundle's sources the same way in a child process.
 
 The sources come from `--config FILE` (a `sources:` list) or, without it, from the live policy
 bundle's `sources:` section. Each source runs in a thread of its own with its own database
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Annotated
 
@@ -64,7 +66,7 @@ def ingest(
     app: AppOption = None,
 ) -> None:
     """Pull events from the configured buses and commit them as tasks until SIGTERM/Ctrl-C."""
-    from tactician.ingest.sources import SourceRunner, read_sources, select_sources
+    from tactician.ingest.sources import read_sources, select_sources
 
     settings = Settings.from_env(db=db)
     _logging(settings)
@@ -78,12 +80,41 @@ def ingest(
     if not chosen:
         where = config or "the live policy bundle"
         raise InvalidInput(f"no sources to run: {where} declares none")
+    if not run_sources(chosen, settings, _load_app(app) if app else None, stop):
+        raise typer.Exit(1)
+
+
+def serve_sources(settings: Settings, template: Tactician | None) -> None:
+    """`tactician serve --ingest`: the live bundle's sources in this (a child) process, until
+    SIGTERM; none declared is logged, not an error (the planner and workers go on)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    declared = _bundle_sources(settings, stop)
+    if not declared:
+        if declared is not None:
+            log.warning("ingest: the live policy bundle declares no sources; none run")
+        return
+    if not run_sources(declared, settings, template, stop):
+        raise SystemExit(1)
+
+
+def run_sources(
+    chosen: Sequence[SourceSpec],
+    settings: Settings,
+    template: Tactician | None,
+    stop: threading.Event,
+) -> bool:
+    """Each source in a thread of its own until `stop` is set; False if one crashed (then the
+    others are stopped too: a half-running ingest would hide the fault)."""
+    from tactician.ingest.sources import SourceRunner
+
+    logging.getLogger("pika").setLevel(logging.WARNING)  # a line per socket event at INFO
     outboxes = [spec.name for spec in chosen if spec.type == "outbox"]
     if outboxes and not settings.db.startswith(("postgresql://", "postgres://")):
         raise InvalidInput(
             f"source {outboxes[0]}: an outbox needs Tactician on PostgreSQL (--db postgresql://…)"
         )
-    template = _load_app(app) if app else None
     runners = [SourceRunner(spec, partial(link_for, spec, settings, template)) for spec in chosen]
     crashed: list[str] = []
 
@@ -93,7 +124,7 @@ def ingest(
         except BaseException:
             log.exception("source %s: stopped by an unexpected error", runner.spec.name)
             crashed.append(runner.spec.name)
-            stop.set()  # a half-running ingest would hide the fault: stop, exit non-zero
+            stop.set()
 
     threads = [
         threading.Thread(target=run, args=(r,), name=f"source-{r.spec.name}") for r in runners
@@ -116,8 +147,7 @@ def ingest(
             s.dead_letters,
             s.pauses,
         )
-    if crashed:
-        raise typer.Exit(1)
+    return not crashed
 
 
 def link_for(spec: SourceSpec, settings: Settings, template: Tactician | None) -> Link:
@@ -194,5 +224,4 @@ def _logging(settings: Settings) -> None:
         raise InvalidInput("TACTICIAN_LOG_FORMAT must be json or console")
     fmt: Format = "json" if settings.log_format == "json" else "console"
     configure_logging(settings.log_level, fmt)
-    logging.getLogger("pika").setLevel(logging.WARNING)  # a line per socket event at INFO
     counters.configure(settings.metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import importlib
 import json
 import os
@@ -147,13 +148,22 @@ def serve(
     batch: Annotated[int, typer.Option(min=1, help="Tasks claimed per runner at once.")] = 1,
     host: Annotated[str, typer.Option(help="The API's address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="The API's port (0: none).")] = 8700,
+    ingest: Annotated[
+        bool, typer.Option("--ingest", help="Also pull the live bundle's bus sources.")
+    ] = False,
 ) -> None:
     """Run the REST API, the planner and local worker processes until Ctrl-C."""
+    from tactician.cli.ingest import serve_sources
+
     _logging()
     the_app = _open(db, app)
     if port:
         _serve_api(the_app.settings, host, port)
-    the_app.serve(workers, WorkerOptions(concurrency=concurrency, batch=batch))
+    services = []
+    if ingest:
+        template = the_app if app else None
+        services.append(("ingest", functools.partial(serve_sources, the_app.settings, template)))
+    the_app.serve(workers, WorkerOptions(concurrency=concurrency, batch=batch), services)
 
 
 @cli.command()
