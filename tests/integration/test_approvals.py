@@ -239,6 +239,49 @@ def test_llm_run_now_advice_does_not_skip_a_decision_dependent_rule(
     app.close()
 
 
+def test_a_tier_2_hold_opens_an_approval_through_a_rule_on_hold(
+    sqlite_url: str,
+    chat: ChatServer,  # noqa: F811 (the fixture)
+) -> None:
+    app = Tactician(settings=Settings(db=sqlite_url))
+    store: SqlStore = app.store
+    store.register_kinds([KindSpec("fix", pool="crew")])
+    store.set_pool("crew", 5)
+    now = time.time()
+    held, other = store.submit(
+        [NewTask("fix", {"n": 1}, due_at=now + 60), NewTask("fix", {"n": 2}, due_at=now + 90)],
+        store.kinds(),
+    )
+    ranker = LiveRanker(get_scorer("edf"))
+    rule = RuleSpec("llm-says-hold", Match(kinds=("fix",), actions=("hold",)), roles=("approver",))
+    ranker.gate_rules = (rule,)
+    config = AdvisorConfig(base_url=chat.base_url, model="test-model", timeout_s=2.0)
+    advisor = BackgroundAdvisor(LLMAdvisor(config, SYSTEM_CLOCK))
+    escalator = Escalator(
+        store, ranker, advisor, DecidePolicy(confidence_threshold=1.01), every_s=0
+    )
+    answer = {"action": "hold", "score_change": 0.0, "defer_seconds": None, "confidence": 0.9}
+    chat.replies = [Reply(content=json.dumps(answer | {"reason": "looks like a rerun"}))]
+    chat.default = Reply(content=advise_run_now())
+    assert escalator(time.time()) == 2
+    chat.wait_for(2)
+    deadline = time.monotonic() + 5
+    while len(ranker.advice) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert {d.action.value for d, _ in ranker.advice.values()} == {"hold", "run"}
+    (asked_hold,) = [t for t, (d, _) in ranker.advice.items() if d.action.value == "hold"]
+    report = store.plan(plan_starts, store.kinds(), ranker)
+    assert report.started == 1  # the one tier 2 said to run; tier 1 said run for both
+    assert set(ranker.gated) == {asked_hold}
+    GateHook(Gate(store), ranker)(time.time())
+    assert store.get(asked_hold).state is TaskState.AWAITING_APPROVAL
+    assert store.approval(asked_hold).rule.name == "llm-says-hold"
+    requested = [r for r in store.audit_records() if r.action == "approval.requested"]
+    assert requested[-1].details["why"].startswith("tier 2 advised hold")
+    assert {held, other} == {asked_hold, *(set(ranker.advice) - {asked_hold})}
+    app.close()
+
+
 def test_a_static_rule_keeps_the_task_from_every_planning_pass(sqlite_url: str) -> None:
     app = Tactician(settings=Settings(db=sqlite_url))
     store = app.store

@@ -5,9 +5,10 @@ newly escalated one (low confidence, out of distribution) to the `BackgroundAdvi
 never blocks the planner. When the advice arrives it is kept in the ranker (`LiveRanker.advice`)
 and applied on the next planning passes, within what `apply_advice` allowed: a score change
 moves the task within its pool's order by at most that share of the pool; a deferral keeps it
-waiting until then; hold or escalate leave tier 1's order in place and mark the task for a
-human (approvals come with the governance layer). If the advisor fails, times out, is over
-budget or its circuit is open, tier 1's decision stands and its note says why.
+waiting until then; hold or escalate leave tier 1's order in place, and send the task to a
+person when an approval rule of the live policy matches that answer (`LiveRanker._gate`). If
+the advisor fails, times out, is over budget or its circuit is open, tier 1's decision stands
+and its note says why.
 """
 
 from __future__ import annotations

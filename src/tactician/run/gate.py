@@ -509,6 +509,7 @@ class GateHook:
             policy.bundle.objective.fair_share,
             policy.bundle.objective.reserve,
             policy.bundle.thresholds.ood,
+            policy.bundle.thresholds.confidence,
         )
         self.gate.apply(policy.bundle)  # again: a deploy that died before applying is healed
         log.info("planner follows policy %s (%s)", policy.version[:12], policy.bundle.name)

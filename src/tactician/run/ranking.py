@@ -69,7 +69,12 @@ def _features(payload: str) -> dict[str, FeatureValue]:
 
 
 CONFIDENT = 0.3
-"""Below this spread confidence the decision service escalates (the gate's "escalate")."""
+"""Below this spread confidence the decision service escalates (the gate's "escalate"),
+until a bundle sets `thresholds.confidence`."""
+
+
+_RULE_ACTION = {Action.DEFER: "defer", Action.MERGE: "merge"}
+"""Decision actions under the names approval rules give them (govern.policy.Action)."""
 
 
 def _tags(task: ReadyRow) -> tuple[str, ...]:
@@ -129,6 +134,9 @@ class LiveRanker:
         """Tenants' recent usage under the policy's `objective.fair_share` (None: off); fed
         from the outcomes `refresh` reads."""
         self._fair_spec: FairShareSpec | None = None
+        self.confidence_threshold = CONFIDENT
+        """The policy's `thresholds.confidence`: a decision less sure is an "escalate" for the
+        approval rules."""
         self.reserve = False
         """The policy's `objective.reserve`: the store then asks `expected_runs` and plans
         EASY reservations (store.protocol.Reserving)."""
@@ -173,6 +181,7 @@ class LiveRanker:
         fair_share: FairShareSpec | None = None,
         reserve: bool = False,
         ood: float | None = None,
+        confidence: float = CONFIDENT,
     ) -> None:
         """Rank with a newly deployed (or rolled back) bundle's scorer, rules, aging bound, fair
         shares, reservations and out-of-distribution limit (a drift fallback ends with it: the
@@ -183,6 +192,7 @@ class LiveRanker:
         self.max_wait = max_wait
         self.reserve = reserve
         self.ood_limit = ood
+        self.confidence_threshold = confidence
         self.models = self._served(self._given)
         if fair_share != self._fair_spec:
             self._fair_spec = fair_share
@@ -399,25 +409,36 @@ class LiveRanker:
         self, ready: Sequence[ReadyRow], rows: np.ndarray, ranks: np.ndarray, now: float
     ) -> np.ndarray:
         """Keep out of the pass every ready task a decision-dependent rule sends to approval,
-        whatever its rank (advice and overrides included): the model advises, policy decides."""
+        whatever its rank (advice and overrides included): the model advises, policy decides.
+        A rule on actions matches tier 1's action or tier 2's answer, so an answer of hold or
+        escalate can open an approval, and no answer can take a task out of a rule's hands."""
         backlog = self.backlog
         sure = confidence(backlog, rows)
         p50 = np.nan_to_num(backlog.p50[rows], nan=0.0)
         late = np.maximum(0.0, now + p50 - np.nan_to_num(backlog.due[rows], nan=math.inf))
         impact = backlog.weight[rows] * late
-        escalate = backlog.ood[rows] | (spread_confidence(backlog, rows) < CONFIDENT)
+        unsure = spread_confidence(backlog, rows) < self.confidence_threshold
+        escalate = backlog.ood[rows] | unsure
         ranks = np.array(ranks, dtype=np.float64)
         for k, task in enumerate(ready):
             if task.state != "ready":
                 continue
             features = _features(task.payload)
+            actions = ["escalate" if escalate[k] else "run"]
+            advised = self.advice.get(task.id)
+            if advised is not None:  # tier 2's answer, as the bundle names actions
+                answer = _RULE_ACTION.get(advised[0].action, advised[0].action.value)
+                if answer not in actions:
+                    actions.append(answer)
             for rule in self.gate_rules:
-                action = "escalate" if escalate[k] else "run"
                 if not rule.match.static(task.kind, _tags(task), task.tenant, _sensitive(features)):
                     continue
-                if rule.match.decided(action, float(sure[k]), float(impact[k])):
+                matched = [a for a in actions if rule.match.decided(a, float(sure[k]), impact[k])]
+                if matched:
                     ranks[k] = math.inf
-                    why = f"{action}, confidence {sure[k]:.2f}, impact {impact[k]:.3g}"
+                    why = f"{matched[0]}, confidence {sure[k]:.2f}, impact {impact[k]:.3g}"
+                    if matched[0] != actions[0]:
+                        why = f"tier 2 advised {matched[0]}, confidence {sure[k]:.2f}"
                     self.gated[task.id] = (rule, why)
                     break
         return ranks
