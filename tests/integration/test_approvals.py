@@ -16,7 +16,7 @@ from tactician.clock import SYSTEM_CLOCK, FakeClock
 from tactician.decide.scorers import get_scorer
 from tactician.decide.service import DecidePolicy
 from tactician.domain import KindSpec, NewTask, TaskState
-from tactician.errors import Forbidden, InvalidInput
+from tactician.errors import Conflict, Forbidden, InvalidInput
 from tactician.govern.approvals import Match, RuleSpec
 from tactician.govern.records import NewApproval
 from tactician.govern.roles import Actor, Role
@@ -170,6 +170,30 @@ def test_an_unanswered_approval_escalates_then_resolves_on_the_simulated_clock(
         assert task.state in (TaskState.PENDING, TaskState.READY)
     trail = actions(app, fix)
     assert trail.count("approval.escalated") == 2 and f"approval.{approval.state}" in trail
+
+
+def test_cancelling_a_task_withdraws_its_approval(app: Tactician) -> None:
+    deploy(app)
+    fix, keyed = submit_fix(app), app.submit_many([NewTask("fix", idempotency_key="k:1")])[0]
+    clock = FakeClock(app.store.approval(fix).requested_at)
+    gate = Gate(app.store, clock)
+    app.store.cancel(fix, ROOT, "not needed after all")
+    assert app.store.cancel_waiting("k:", ROOT, "alert resolved") == [keyed]
+    for task_id in (fix, keyed):
+        approval = app.store.approval(task_id)
+        assert (approval.state, approval.resolved_by, approval.reason) == (
+            "withdrawn",
+            "root",
+            "task cancelled",
+        )
+        assert actions(app, task_id)[-1] == "approval.withdrawn"
+        with pytest.raises(Conflict, match="is already withdrawn"):
+            app.gate.vote(ALICE, task_id, "approve", "too late")
+    assert app.store.approvals("pending") == []
+    clock.advance(3 * 3600)  # past every escalation step and the expiry
+    assert gate.tick() == 0
+    assert [t for t in app.tasks() if t.kind == NOTIFY_KIND] == []  # nobody is chased
+    assert app.store.metrics_snapshot().approvals_pending == 0
 
 
 # --- the model advises, policy decides ------------------------------------------------------

@@ -261,7 +261,7 @@ def build(current_app: AppDep, actor_of: ActorDep) -> APIRouter:
     def approvals(
         app: App,
         _: Who,
-        state: Literal["pending", "approved", "rejected", "all"] = "pending",
+        state: Literal["pending", "approved", "rejected", "withdrawn", "all"] = "pending",
     ) -> list[Json]:
         rows = app.store.approvals(None if state == "all" else state)
         return [

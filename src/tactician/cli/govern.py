@@ -406,12 +406,14 @@ def policy_compare(
 @approvals_cli.command("list")
 def approvals_list(
     db: DbOption = None,
-    state: Annotated[str, typer.Option(help="pending, approved, rejected or all.")] = "pending",
+    state: Annotated[
+        str, typer.Option(help="pending, approved, rejected, withdrawn or all.")
+    ] = "pending",
     as_json: JsonOption = False,
 ) -> None:
     """Approvals and their tallies, oldest first."""
-    if state not in ("pending", "approved", "rejected", "all"):
-        raise InvalidInput("--state is pending, approved, rejected or all")
+    if state not in ("pending", "approved", "rejected", "withdrawn", "all"):
+        raise InvalidInput("--state is pending, approved, rejected, withdrawn or all")
     rows = open_app(db).store.approvals(None if state == "all" else state)
     if as_json:
         _print_json(

@@ -541,7 +541,10 @@ class SqlStore(
                     (now, task_id),
                 )
             detail = {"from": task.state.value, "reason": reason}
-            self._audit(cur, [_batch_entry(actor, "task.cancelled", [task_id], detail)], now)
+            entries = [_batch_entry(actor, "task.cancelled", [task_id], detail)]
+            if task.state is TaskState.AWAITING_APPROVAL:
+                entries += self._withdraw_approvals(cur, [task_id], actor, now)
+            self._audit(cur, entries, now)
             return self._get(cur, task_id)
 
     def cancel_waiting(self, key_prefix: str, actor: Actor = SYSTEM, reason: str = "") -> list[str]:
@@ -561,7 +564,9 @@ class SqlStore(
             ids = sorted(row[0] for row in cur.fetchall())
             if ids:
                 detail = {"reason": reason, "key_prefix": key_prefix}
-                self._audit(cur, [_batch_entry(actor, "task.cancelled", ids, detail)], now)
+                entries = [_batch_entry(actor, "task.cancelled", ids, detail)]
+                entries += self._withdraw_approvals(cur, ids, actor, now)
+                self._audit(cur, entries, now)
             return ids
 
     def retry(self, task_id: str, actor: Actor = SYSTEM) -> Task:

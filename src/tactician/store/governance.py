@@ -499,6 +499,24 @@ class GovernanceMixin(StoreMixin):
         self._after_submit(cur)
         return entries
 
+    def _withdraw_approvals(
+        self, cur: Cursor, task_ids: Sequence[str], actor: Actor, now: float
+    ) -> list[Entry]:
+        """Withdraw the pending approvals of tasks just cancelled: nobody is asked about them
+        any more (no vote, no escalation, no expiry). Their audit records."""
+        if not task_ids:
+            return []
+        clause, params = self._in("task_id", list(task_ids))
+        cur.execute(
+            "UPDATE approvals SET state = 'withdrawn', resolved_at = ?, resolved_by = ?, "
+            f"reason = 'task cancelled' WHERE state = 'pending' AND {clause} RETURNING task_id",
+            [now, actor.name, *params],
+        )
+        withdrawn = sorted(row[0] for row in cur.fetchall())
+        return [
+            _entry(actor, "approval.withdrawn", t, {"reason": "task cancelled"}) for t in withdrawn
+        ]
+
     def due_approvals(self, now: float, limit: int = 1000) -> list[ApprovalRow]:
         """Pending approvals whose next escalation step or expiry has come."""
         with self._read() as cur:
