@@ -180,9 +180,9 @@ class Tactician:
     def known_kinds(self) -> Mapping[str, KindSpec]:
         """This app's kinds, and those other apps registered in the database, under the live
         bundle's limits."""
-        return self.limited({**self.store.kinds(), **self.kinds})
+        return self.with_limits({**self.store.kinds(), **self.kinds})
 
-    def limited(self, kinds: Mapping[str, KindSpec]) -> Mapping[str, KindSpec]:
+    def with_limits(self, kinds: Mapping[str, KindSpec]) -> Mapping[str, KindSpec]:
         """`kinds` with the live bundle's `limits` over what their code declared."""
         return limited(kinds, self.gate.policy().bundle.limits, self.leased_kinds)
 
@@ -240,8 +240,13 @@ class Tactician:
         with traces.span("gate", {"tactician.tasks": len(tasks)}):
             if actor is not None:
                 self.gate.authorize(actor, Operation.SUBMIT, tasks[0].kind if tasks else "-")
+                if any(t.kind == NOTIFY_KIND for t in tasks):
+                    raise InvalidInput(
+                        f"{NOTIFY_KIND} tasks are the engine's own: notifications go to the "
+                        "policy bundle's channels"
+                    )
             mine = all(t.kind in self.kinds for t in tasks)
-            kinds = self.limited(self.kinds) if mine else self.known_kinds()
+            kinds = self.with_limits(self.kinds) if mine else self.known_kinds()
             unknown = sorted({t.kind for t in tasks} - set(kinds))
             if unknown:
                 raise UnknownKind(f"unknown kind {unknown[0]!r}")
@@ -295,11 +300,17 @@ class Tactician:
         registry = ModelRegistry(self.settings.models_dir)
         hooks.append(ModelWatch(ranker, lambda: self.served_models(registry), registry.load))
         if self.settings.refit_every > 0:
-            refitter = Refitter(self.store, ranker, registry, self.settings.refit_every)
-            refitter.pinned = lambda: SERVED_MODELS in self.gate.policy().bundle.models
-            hooks.append(refitter)
+            hooks.append(
+                Refitter(
+                    self.store,
+                    ranker,
+                    registry,
+                    self.settings.refit_every,
+                    pinned=lambda: SERVED_MODELS in self.gate.policy().bundle.models,
+                )
+            )
         return PlannerService(
-            self.store, self.settings, ranker=ranker, hooks=tuple(hooks), limits=self.limited
+            self.store, self.settings, ranker=ranker, hooks=tuple(hooks), limits=self.with_limits
         )
 
     def escalator(self, ranker: LiveRanker) -> Escalator | None:

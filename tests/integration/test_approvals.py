@@ -238,7 +238,7 @@ def test_llm_run_now_advice_does_not_skip_a_decision_dependent_rule(
     config = AdvisorConfig(base_url=chat.base_url, model="test-model", timeout_s=2.0)
     advisor = BackgroundAdvisor(LLMAdvisor(config, SYSTEM_CLOCK))
     escalator = Escalator(
-        store, ranker, advisor, DecidePolicy(confidence_threshold=1.01), every_s=0
+        store, ranker, advisor, lambda: DecidePolicy(confidence_threshold=1.01), every_s=0
     )
     chat.default = Reply(content=advise_run_now())
     assert escalator(time.time()) == 1  # after the submission: its release time has come
@@ -282,7 +282,7 @@ def test_a_tier_2_hold_opens_an_approval_through_a_rule_on_hold(
     config = AdvisorConfig(base_url=chat.base_url, model="test-model", timeout_s=2.0)
     advisor = BackgroundAdvisor(LLMAdvisor(config, SYSTEM_CLOCK))
     escalator = Escalator(
-        store, ranker, advisor, DecidePolicy(confidence_threshold=1.01), every_s=0
+        store, ranker, advisor, lambda: DecidePolicy(confidence_threshold=1.01), every_s=0
     )
     answer = {"action": "hold", "score_change": 0.0, "defer_seconds": None, "confidence": 0.9}
     chat.replies = [Reply(content=json.dumps(answer | {"reason": "looks like a rerun"}))]

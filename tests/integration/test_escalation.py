@@ -64,7 +64,7 @@ def setup(
     ranker = LiveRanker(get_scorer("edf"))
     config = AdvisorConfig(base_url=server.base_url, model="test-model", timeout_s=timeout_s)
     advisor = BackgroundAdvisor(LLMAdvisor(config, SYSTEM_CLOCK))
-    return Escalator(store, ranker, advisor, ALWAYS, every_s=0.0), ids
+    return Escalator(store, ranker, advisor, lambda: ALWAYS, every_s=0.0), ids
 
 
 def order(store: SqlStore, escalator: Escalator) -> list[str]:

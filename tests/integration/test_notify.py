@@ -22,8 +22,9 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from tactician.app import Tactician
-from tactician.domain import TaskState
+from tactician.domain import NewTask, TaskState
 from tactician.errors import InvalidInput
+from tactician.govern.roles import Actor, Role
 from tactician.run.notify import NOTIFY_KIND, Channel, notification, notify, notify_kind
 from tests.integration.driving import final, make_app, run_until
 
@@ -370,21 +371,21 @@ def test_a_permanently_refused_recipient_ends_the_email(app: Tactician, mailbox:
 def test_secrets_named_by_environment_variables_stay_out_of_the_payload(
     app: Tactician, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("TACTICIAN_TEST_HOOK_URL", f"{receiver.url}/secret-path")
-    monkeypatch.setenv("TACTICIAN_TEST_HOOK_TOKEN", "Bearer s3cret")
+    monkeypatch.setenv("TACTICIAN_NOTIFY_TEST_HOOK_URL", f"{receiver.url}/secret-path")
+    monkeypatch.setenv("TACTICIAN_NOTIFY_TEST_HOOK_TOKEN", "Bearer s3cret")
     channel = Channel.from_mapping(
         "ops-hook",
         {
             "type": "webhook",
-            "url_env": "TACTICIAN_TEST_HOOK_URL",
+            "url_env": "TACTICIAN_NOTIFY_TEST_HOOK_URL",
             "headers": {"X-Team": "ops"},
-            "headers_env": {"Authorization": "TACTICIAN_TEST_HOOK_TOKEN"},
+            "headers_env": {"Authorization": "TACTICIAN_NOTIFY_TEST_HOOK_TOKEN"},
         },
     )
     task_id = send(app, channel, "Task late", "j42 missed its deadline")
     stored = json.dumps(app.get(task_id).payload)
     assert "secret-path" not in stored and "s3cret" not in stored
-    assert "TACTICIAN_TEST_HOOK_URL" in stored
+    assert "TACTICIAN_NOTIFY_TEST_HOOK_URL" in stored
 
     deliver(app, task_id)
 
@@ -395,7 +396,9 @@ def test_secrets_named_by_environment_variables_stay_out_of_the_payload(
 
 
 def test_a_secret_the_worker_does_not_have_ends_the_notification(app: Tactician) -> None:
-    channel = Channel.from_mapping("ops", {"type": "slack", "url_env": "TACTICIAN_TEST_UNSET"})
+    channel = Channel.from_mapping(
+        "ops", {"type": "slack", "url_env": "TACTICIAN_NOTIFY_TEST_UNSET"}
+    )
     task_id = send(app, channel, "Pool full", "drivers at 100%")
 
     deliver(app, task_id)
@@ -404,20 +407,34 @@ def test_a_secret_the_worker_does_not_have_ends_the_notification(app: Tactician)
     assert (task.state, task.attempt) == (TaskState.DEAD, 1)
     assert task.last_error == (
         "HandlerError: notification payload: slack channel ops: the environment variable "
-        "TACTICIAN_TEST_UNSET is not set here"
+        "TACTICIAN_NOTIFY_TEST_UNSET is not set here"
     )
 
 
 def test_an_email_password_is_read_from_the_environment() -> None:
-    data = {**EMAIL, "username": "bot", "password_env": "SMTP_PASSWORD"}
+    data = {**EMAIL, "username": "bot", "password_env": "TACTICIAN_NOTIFY_SMTP_PASSWORD"}
     channel = Channel.from_mapping("mail", data)
     assert "password" not in notification(channel, "s", "t").payload
-    assert channel.resolved({"SMTP_PASSWORD": "hunter2"}).password == "hunter2"
+    assert channel.resolved({"TACTICIAN_NOTIFY_SMTP_PASSWORD": "hunter2"}).password == "hunter2"
     with pytest.raises(
         InvalidInput,
-        match=r"^email channel mail: the environment variable SMTP_PASSWORD is not set here$",
+        match=r"^email channel mail: the environment variable TACTICIAN_NOTIFY_SMTP_PASSWORD "
+        r"is not set here$",
     ):
         channel.resolved({})
+
+
+def test_an_operator_may_not_submit_a_notification_of_their_own(app: Tactician) -> None:
+    """A notify task's payload says where it goes and which secrets the worker reads: only the
+    engine writes one (from the bundle's channels), never a person through the API or CLI."""
+    operator = Actor("ops", Role.OPERATOR)
+    task = NewTask(
+        NOTIFY_KIND,
+        {"channel": "webhook", "subject": "s", "text": "t", "url": "https://elsewhere.test/"},
+    )
+    with pytest.raises(InvalidInput, match=r"^tactician\.notify tasks are the engine's own"):
+        app.submit_many([task], actor=operator)
+    assert app.tasks() == []
 
 
 def test_a_payload_submitted_by_hand_is_checked_by_the_handler(app: Tactician) -> None:
@@ -464,16 +481,26 @@ HOOK: dict[str, Any] = {"type": "webhook", "url": "https://hooks.example.test/x"
         ("mail", {**EMAIL, "smtp_host": "x"}, "unknown field 'smtp_host' for email channels"),
         (
             "ops",
-            {**HOOK, "url_env": "HOOK_URL"},
+            {**HOOK, "url_env": "TACTICIAN_NOTIFY_HOOK_URL"},
             "webhook channel ops: give the url or its environment variable, not both",
         ),
-        ("ops", {"type": "slack", "url_env": "not a name"}, "needs an environment variable's"),
         (
             "ops",
-            {**HOOK, "headers": {"A": "x"}, "headers_env": {"A": "A_VALUE"}},
+            {"type": "slack", "url_env": "TACTICIAN_DB"},
+            "slack channel ops: url names an environment variable, which must start with "
+            "TACTICIAN_NOTIFY_, got 'TACTICIAN_DB'",
+        ),
+        ("ops", {"type": "slack", "url_env": "TACTICIAN_NOTIFY_a b"}, "must start with"),
+        (
+            "ops",
+            {**HOOK, "headers": {"A": "x"}, "headers_env": {"A": "TACTICIAN_NOTIFY_A"}},
             "give the header 'A' or its environment variable, not both",
         ),
-        ("mail", {**EMAIL, "password_env": "PW"}, "username and password go together"),
+        (
+            "mail",
+            {**EMAIL, "password_env": "TACTICIAN_NOTIFY_PW"},
+            "username and password go together",
+        ),
     ],
 )
 def test_a_bad_channel_is_refused_and_nothing_is_submitted(

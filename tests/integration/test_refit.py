@@ -167,20 +167,27 @@ def test_the_planner_serves_the_pinned_models_and_follows_promotions(
     assert "no model set has version 'abcdef012345'" in errors[0]
 
 
-def test_a_refit_under_a_pin_is_saved_but_not_promoted(app: Tactician, tmp_path: Path) -> None:
-    registry = ModelRegistry(tmp_path)
-    first, _ = two_fits(app.store, registry)
-    app.gate.deploy(ROOT, f"name: pinned\nmodels: {{default: {first[:12]}}}\n", "pinned.yaml")
-    planner = app.planner()
-    ranker = planner.ranker
-    assert isinstance(ranker, LiveRanker)
-    refit = Refitter(app.store, ranker, registry, every=100, check_every_s=0.0)
-    refit.pinned = lambda: True
-    record(app.store, 150, random.Random(3))
-    refit(time.time())
-    assert len(refit.fits) == 1 and refit.fits[0] not in (first, None)
-    assert registry.active_version() is None
-    assert serving(app, planner) == first
+def test_a_refit_under_a_pin_is_saved_but_not_promoted(db_url: str, tmp_path: Path) -> None:
+    settings = Settings(db=db_url, scorer="learned", models_dir=str(tmp_path), refit_every=100)
+    app = Tactician(settings=settings)
+    try:
+        app.store.register_kinds([KIND])
+        app.store.set_pool("p", None)
+        registry = ModelRegistry(tmp_path)
+        first, _ = two_fits(app.store, registry)
+        app.gate.deploy(ROOT, f"name: pinned\nmodels: {{default: {first[:12]}}}\n", "p.yaml")
+        planner = app.planner()
+        (refit,) = [h for h in planner.hooks if isinstance(h, Refitter)]
+        refit.check_every_s = 0.0
+        record(app.store, 150, random.Random(3))
+        assert serving(app, planner) == first  # the tick ran the refit too
+        assert len(refit.fits) == 1 and registry.promotions() == []  # saved, not promoted
+        assert registry.active_version() is None
+        app.gate.deploy(ROOT, "name: unpinned\n", "u.yaml")
+        record(app.store, 150, random.Random(4))
+        assert serving(app, planner) == refit.fits[1] == registry.active_version()
+    finally:
+        app.close()
 
 
 def test_the_policys_ood_limit_replaces_the_trained_one_until_it_is_lifted(

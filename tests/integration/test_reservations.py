@@ -8,10 +8,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tactician.app import Tactician
 from tactician.domain import KindSpec, NewTask
 from tactician.govern.roles import Actor, Role
+from tactician.observe import traces
 from tactician.settings import Settings
 
 ROOT = Actor("root", Role.ADMIN)
@@ -36,9 +39,18 @@ def leased(app: Tactician) -> set[str]:
     return {str(t.payload["name"]) for t in app.tasks() if t.state == "leased"}
 
 
+@pytest.fixture(params=["untraced", "traced"])
+def tracing(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each pass as it runs by default, and wrapped in a `plan` span (its ranker timed)."""
+    if request.param == "traced":
+        traces.enable(SimpleSpanProcessor(InMemorySpanExporter()))
+    yield
+    traces.disable()
+
+
 @pytest.mark.parametrize(("reserve", "starts"), [("true", "short"), ("false", "long")])
 def test_a_reservation_keeps_a_long_task_from_delaying_the_wide_one(
-    app: Tactician, reserve: str, starts: str
+    app: Tactician, tracing: None, reserve: str, starts: str
 ) -> None:
     app.gate.deploy(ROOT, POLICY % reserve, "policy.yaml")
     planner = app.planner()

@@ -271,6 +271,15 @@ BAD = {
         "2: objective.scorer: must be one of 'fifo', 'edf', 'wspt', 'atc' or 'learned', "
         "not 'magic'",
     ),
+    "broken concurrency key": (
+        "name: t\nlimits:\n  deliver: {concurrency_key: '{customer'}\n",
+        "3: limits.deliver.concurrency_key: is not a key template like '{customer}': "
+        "expected '}' before end of string",
+    ),
+    "positional concurrency key": (
+        "name: t\nlimits:\n  deliver: {concurrency_key: 'c-{}'}\n",
+        "3: limits.deliver.concurrency_key: names payload fields in braces, like '{customer}'",
+    ),
     "reserve not a boolean": (
         "name: t\nobjective: {reserve: maybe}\n",
         "2: objective.reserve: must be true or false",

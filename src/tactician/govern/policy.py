@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import math
 import re
+import string
 from collections.abc import Collection, Mapping, Sequence
 from typing import Annotated, Any, Literal, Self
 
@@ -102,6 +103,18 @@ def _rate(value: str) -> str:
         RateLimit.parse(value)
     except InvalidInput as exc:
         raise _fail(exc.message) from None
+    return value
+
+
+def _key_template(value: str) -> str:
+    """A concurrency key: text with payload fields in braces, like '{customer}'."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+    except ValueError as exc:
+        raise _fail(f"is not a key template like '{{customer}}': {exc}") from None
+    for name in fields:
+        if not name or name.isdigit():
+            raise _fail("names payload fields in braces, like '{customer}'")
     return value
 
 
@@ -201,7 +214,7 @@ class KindLimits(_Model):
     rate: Annotated[str, AfterValidator(_rate)] | None = None
     burst: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] | None = None
     max_concurrency: Annotated[int, Strict(), Field(ge=1)] | None = None
-    concurrency_key: str | None = None
+    concurrency_key: Annotated[str, AfterValidator(_key_template)] | None = None
 
     @model_validator(mode="after")
     def _burst_needs_rate(self) -> Self:

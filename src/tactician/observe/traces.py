@@ -55,7 +55,14 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from tactician.domain import NewTask
 from tactician.errors import InvalidInput
 from tactician.settings import Settings
-from tactician.store.protocol import Planner, PlanReport, Provenance, Ranker, Store
+from tactician.store.protocol import (
+    ExpectedRuns,
+    Planner,
+    PlanReport,
+    Provenance,
+    Ranker,
+    Store,
+)
 
 MODES = ("off", "console", "otlp")
 SCOPE = "tactician"
@@ -359,13 +366,14 @@ def traced_plan(
     kinds: Mapping[str, Any],
     ranker: Ranker | None,
     provenance: Provenance | None,
+    expected: ExpectedRuns | None = None,
 ) -> PlanReport:
     """`store.plan`, and when it started tasks a `plan` span linked to their traces, with the
     ranking as its `decide` child. The spans are made after the pass, with its times, so a pass
     that starts nothing leaves none."""
     timed = None if ranker is None else _TimedRanker(ranker)
     start = time.time_ns()
-    report = store.plan(planner, kinds, timed, provenance)
+    report = store.plan(planner, kinds, timed, provenance, expected)
     end = time.time_ns()
     if not report.started_ids:
         return report

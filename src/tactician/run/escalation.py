@@ -36,8 +36,8 @@ class Escalator:
     store: Store
     ranker: LiveRanker
     advisor: BackgroundAdvisor
-    policy: DecidePolicy | Callable[[], DecidePolicy] = field(default_factory=DecidePolicy)
-    """The thresholds, or where to read them each round (the live bundle's)."""
+    policy: Callable[[], DecidePolicy] = DecidePolicy
+    """Where to read the thresholds each round (the live bundle's: `Tactician.decide_policy`)."""
     every_s: float = 5.0
     limit: int = 5000
     asked: set[str] = field(default_factory=set)
@@ -63,7 +63,7 @@ class Escalator:
         snapshot, _ = self.ranker.snapshot(waiting, view, now)
         sent = 0
         by_id = {w.id: w for w in waiting}
-        rules = self.policy() if callable(self.policy) else self.policy
+        rules = self.policy()
         for decision in decide(
             snapshot, self.ranker.scorer, rules, model_version=self.ranker.model_version
         ):

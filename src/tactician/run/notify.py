@@ -7,8 +7,10 @@ destination, message), so any worker delivers it without reading configuration:
     app.submit_many([notification(channel, "Task late", "job 42 missed its deadline")])
 
 A payload is readable by whoever can read tasks, so a channel can name its secrets by the
-environment variable that holds them instead (`url_env`, `headers_env`, `password_env`): the
-payload then carries the variable's name, and the worker that sends reads its value.
+environment variable that holds them instead (`url_env`, `headers_env`, `password_env`; the
+name must start with SECRET_PREFIX): the payload then carries the variable's name, and the
+worker that sends reads its value. Only the engine submits these tasks (from the bundle's
+channels): an operator's submission of the kind is refused (`Tactician.submit_many`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ CHANNEL_TYPES: tuple[str, ...] = get_args(ChannelType)
 _HTTP_FIELDS = frozenset({"type", "url", "headers", "url_env", "headers_env"})
 _EMAIL_FIELDS = frozenset({"type", "host", "port", "sender", "to", "starttls"})
 _EMAIL_FIELDS |= {"username", "password", "password_env"}
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SECRET_PREFIX = "TACTICIAN_NOTIFY_"
+"""The only environment variables a channel may name: a payload must not be able to send a
+worker's other settings (its database URL, its LLM key) to an address of its choosing."""
+_ENV_NAME = re.compile(rf"^{SECRET_PREFIX}[A-Za-z0-9_]+$")
 _SLACK_TEXT_LIMIT = 3000  # characters in a section's text
 _SLACK_FIELD_LIMIT = 2000  # characters in one section field
 _SLACK_MAX_FIELDS = 10
@@ -143,7 +148,10 @@ class Channel:
 
     def _check_env(self, what: str, name: object, given: object) -> None:
         if not isinstance(name, str) or not _ENV_NAME.match(name):
-            raise InvalidInput(f"{self}: {what} needs an environment variable's name, got {name!r}")
+            raise InvalidInput(
+                f"{self}: {what} names an environment variable, which must start with "
+                f"{SECRET_PREFIX}, got {name!r}"
+            )
         if given is not None:
             raise InvalidInput(f"{self}: give the {what} or its environment variable, not both")
 

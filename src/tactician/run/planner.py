@@ -117,12 +117,16 @@ class PlannerService:
             fired = sum(hook(now) for hook in self.hooks)
         kinds = self.kinds()
         started = 0
+        provenance = getattr(self.ranker, "provenance", None)
+        reserve = getattr(self.ranker, "reserve", False)  # the policy's EASY reservations
+        expected = getattr(self.ranker, "expected_runs", None) if reserve else None
         while True:
-            provenance = getattr(self.ranker, "provenance", None)
             if traces.enabled():  # a plan span per pass that started tasks
-                plan = traces.traced_plan(self.store, self.planner, kinds, self.ranker, provenance)
+                plan = traces.traced_plan(
+                    self.store, self.planner, kinds, self.ranker, provenance, expected
+                )
             else:
-                plan = self.store.plan(self.planner, kinds, self.ranker, provenance)
+                plan = self.store.plan(self.planner, kinds, self.ranker, provenance, expected)
             started += plan.started
             counters.DEFAULT.rate_limited(plan.blocked)
             wake_in = plan.wake_in

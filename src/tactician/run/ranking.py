@@ -138,8 +138,8 @@ class LiveRanker:
         """The policy's `thresholds.confidence`: a decision less sure is an "escalate" for the
         approval rules."""
         self.reserve = False
-        """The policy's `objective.reserve`: the store then asks `expected_runs` and plans
-        EASY reservations (store.protocol.Reserving)."""
+        """The policy's `objective.reserve`: the planner then passes `expected_runs` to each
+        planning pass, which makes EASY reservations (store.protocol.ExpectedRuns)."""
         self.max_wait: float | None = None
         """The policy's aging bound (`objective.max_wait`): a task released longer ago goes
         first, and holds its pool if it does not fit (`plan.capacity.HOLD_BELOW`)."""
@@ -156,6 +156,8 @@ class LiveRanker:
         """The policy's scorer and rules, put back when the fallback is cleared."""
         self._arms: set[str] = set()
         """Task id → the rule that sends it to approval and why (taken by the gate hook)."""
+        self._ranked: tuple[Sequence[ReadyRow], np.ndarray] = ((), np.zeros(0, dtype=np.int64))
+        """The last pass's tasks and their backlog rows (for `expected_runs`)."""
         self._history_at: float | None = None
         self._refreshed = -math.inf
         self._reset()
@@ -334,6 +336,7 @@ class LiveRanker:
     def __call__(self, ready: Sequence[ReadyRow], view: CapacityView, now: float) -> list[float]:
         began = time.perf_counter()
         rows = self.rows_of(ready)
+        self._ranked = (ready, rows)
         request = RankRequest(self.backlog, rows, now, self.pools(view))
         ranks = self.scorer.rank(request)
         unranked = np.isnan(ranks)
@@ -363,7 +366,8 @@ class LiveRanker:
     def expected_runs(self, ready: Sequence[ReadyRow]) -> list[float]:
         """Each task's expected run (the predicted median, else its estimate or its kind's
         recorded median), for tasks this ranker has just ranked."""
-        return [float(x) for x in expected_runs(self.backlog, self.rows_of(ready))]
+        rows = self._ranked[1] if ready is self._ranked[0] else self.rows_of(ready)
+        return [float(x) for x in expected_runs(self.backlog, rows)]
 
     def _split(
         self, ready: Sequence[ReadyRow], request: RankRequest, ranks: np.ndarray

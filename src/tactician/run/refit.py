@@ -48,11 +48,11 @@ class Refitter:
     """Refit after this many new outcomes."""
     window: int = 100_000
     check_every_s: float = 60.0
+    pinned: Callable[[], bool] = lambda: False
+    """Whether the live policy pins the models (then a fit is saved, not promoted)."""
     _since: float | None = None
     _last_check: float = -math.inf
     fits: list[str] = field(default_factory=list)
-    pinned: Callable[[], bool] = lambda: False
-    """Whether the live policy pins the models (then a fit is saved, not promoted)."""
 
     def __call__(self, now: float) -> int:
         if now - self._last_check < self.check_every_s:

@@ -40,6 +40,7 @@ from tactician.store.drift import DriftMixin
 from tactician.store.governance import GovernanceMixin
 from tactician.store.mixin import Cursor
 from tactician.store.protocol import (
+    ExpectedRuns,
     Finish,
     HeartbeatReply,
     MetricsSnapshot,
@@ -51,7 +52,6 @@ from tactician.store.protocol import (
     Ranker,
     ReadyRow,
     ReapReport,
-    Reserving,
     ScheduleRow,
     TaskFilter,
 )
@@ -775,11 +775,14 @@ class SqlStore(
         kinds: Mapping[str, KindSpec],
         ranker: Ranker | None = None,
         provenance: Provenance | None = None,
+        expected: ExpectedRuns | None = None,
     ) -> PlanReport:
         """Grant capacity to the ready tasks the planner picks, in one transaction.
 
         The ready tasks are read earliest deadline first (up to the batch size); a `ranker`
-        then orders them, and its ranks become the order in which workers claim them."""
+        then orders them, and its ranks become the order in which workers claim them. With
+        `expected` (and a ranker), the first task of a full pool gets an EASY reservation from
+        the running tasks' expected ends, and each grant keeps its expected run."""
         with self._tx() as cur:
             self._serialise_planners(cur)
             now = self._now(cur)
@@ -795,15 +798,12 @@ class SqlStore(
             if not rows:
                 return PlanReport()
             candidates = [Candidate(*row[:7]) for row in rows]
-            view, targets, shared = self._capacity_view(cur, candidates, kinds, now)
-            reserving = ranker if isinstance(ranker, Reserving) and ranker.reserve else None
+            reserve = ranker is not None and expected is not None
+            view, targets, shared = self._capacity_view(cur, candidates, kinds, now, reserve)
             if ranker is not None:
                 ranks = ranker(rows, view, now)
-                expected = None if reserving is None else reserving.expected_runs(rows)
-                candidates = _reranked(candidates, ranks, expected)
-            if reserving is not None:
-                view.reserve = True
-                view.running_ends = self._running_ends(cur, candidates, view, now)
+                runs = expected(rows) if expected is not None else None
+                candidates = _reranked(candidates, ranks, runs)
             plan = planner(candidates, view, now, room)
             if plan.starts:
                 expires = now + self.settings.dispatch_timeout
@@ -837,40 +837,38 @@ class SqlStore(
         started = tuple(c.id for c in plan.starts)
         return PlanReport(len(candidates), len(plan.starts), plan.blocked, plan.wake_in, started)
 
-    def _running_ends(
-        self, cur: Cursor, candidates: list[Candidate], view: CapacityView, now: float
-    ) -> dict[str, list[tuple[float, int]]]:
-        """Per bounded pool of the pass, (expected end, units) of the tasks holding its units,
-        earliest first: when each started (now, if granted but not claimed yet) plus the run the
-        planner expected when it granted it; unknown (granted without one) sorts last."""
-        pools = sorted({c.pool for c in candidates if view.pool_capacity.get(c.pool) is not None})
-        if not pools:
-            return {}
-        clause, params = self._in("pool", pools)
-        cur.execute(
-            "SELECT pool, CASE WHEN state = 'running' THEN started_at ELSE ? END + expected_s, "
-            f"units FROM tasks "
-            f"WHERE state IN {ACTIVE} AND {clause}",
-            [now, *params],
-        )
-        ends: dict[str, list[tuple[float, int]]] = {}
-        for pool, end, units in cur.fetchall():
-            ends.setdefault(pool, []).append((math.inf if end is None else end, int(units)))
-        for found in ends.values():
-            found.sort()
-        return ends
-
     def _capacity_view(
-        self, cur: Cursor, candidates: list[Candidate], kinds: Mapping[str, KindSpec], now: float
+        self,
+        cur: Cursor,
+        candidates: list[Candidate],
+        kinds: Mapping[str, KindSpec],
+        now: float,
+        reserve: bool = False,
     ) -> tuple[CapacityView, dict[str, TargetState], dict[str, str]]:
         """What is in use, read only for the pools, keys and targets that can block someone;
         and the kinds' buckets that are a global rate shared with edge sites (the planner's
-        key → the shared bucket's key, where what it takes goes back)."""
+        key → the shared bucket's key, where what it takes goes back). With `reserve`, also
+        when the tasks holding each bounded pool's units are expected to end: when each started
+        (now, if granted but not claimed yet) plus the run expected at its grant; unknown (a
+        grant made without one) sorts last."""
         cur.execute("SELECT name, capacity FROM pools")
         capacity = {row[0]: row[1] for row in cur.fetchall()}
         bounded = sorted({c.pool for c in candidates if capacity.get(c.pool) is not None})
         used: dict[str, int] = {}
-        if bounded:
+        ends: dict[str, list[tuple[float, int]]] = {}
+        if bounded and reserve:
+            clause, params = self._in("pool", bounded)
+            cur.execute(
+                "SELECT pool, units, CASE WHEN state = 'running' THEN started_at ELSE ? END "
+                f"+ expected_s FROM tasks WHERE state IN {ACTIVE} AND {clause}",
+                [now, *params],
+            )
+            for pool, units, end in cur.fetchall():
+                used[pool] = used.get(pool, 0) + int(units)
+                ends.setdefault(pool, []).append((math.inf if end is None else end, int(units)))
+            for found in ends.values():
+                found.sort()
+        elif bounded:
             clause, params = self._in("pool", bounded)
             cur.execute(
                 f"SELECT pool, sum(units) FROM tasks WHERE state IN {ACTIVE} AND {clause} "
@@ -896,7 +894,7 @@ class SqlStore(
             t: allowed_in_flight(targets.get(t), now, cooldown.get(t, 30.0))
             for t in targets.keys() | ceiling.keys()
         }
-        for t, most in ceiling.items():  # adaptive, but no result seen yet: start at the ceiling
+        for t, most in ceiling.items():  # a hard ceiling; adaptive with no result yet: at it
             now_allowed = allowed[t]
             allowed[t] = most if now_allowed is None else min(now_allowed, most)
         limited = sorted(t for t, n in allowed.items() if n is not None)
@@ -921,6 +919,7 @@ class SqlStore(
             buckets = {row[0]: Bucket(row[1], row[2]) for row in cur.fetchall()}
             shared = self._shared_rates(cur, limits, buckets, now)
         view = CapacityView(capacity, used, busy, in_flight, allowed, buckets, limits)
+        view.reserve, view.running_ends = reserve, ends
         return view, targets, shared
 
     # --- schedules ------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol
 
 from tactician.domain import Attempt, Claim, KindSpec, NewTask, Pool, Result, TargetState, Task
 from tactician.govern.audit import AuditRecord, Entry
@@ -59,23 +59,9 @@ Ranker = Callable[[Sequence[ReadyRow], CapacityView, float], Sequence[float]]
 """Ranks a planning pass's ready tasks (lower starts first): the decision service's scorer."""
 
 
-@runtime_checkable
-class Reserving(Protocol):
-    """A ranker that can plan EASY reservations: with `reserve` set, the first task of a full
-    pool gets the units the running tasks free by their expected ends, and a later task starts
-    before it only if it is expected to end first or fits beside it (plan.capacity)."""
-
-    reserve: bool
-
-    def __call__(
-        self, ready: Sequence[ReadyRow], view: CapacityView, now: float
-    ) -> Sequence[float]: ...
-
-    def expected_runs(self, ready: Sequence[ReadyRow]) -> Sequence[float]:
-        """Each task's expected run in seconds, for tasks just ranked (in `ready`'s order)."""
-        ...
-
-
+ExpectedRuns = Callable[[Sequence[ReadyRow]], Sequence[float]]
+"""Each ranked task's expected run in seconds (in the order given): with it, a planning pass
+makes EASY reservations (plan.capacity) and keeps each grant's expected run."""
 Provenance = Callable[[Sequence[str]], Mapping[str, Any]]
 """Given the tasks a pass started, what decided them (policy, model, scorer, experiment arm):
 kept in the audit record of the pass."""
@@ -462,6 +448,7 @@ class Store(GovernanceStore, DeadLetterStore, DriftStore, CountersStore, Protoco
         kinds: Mapping[str, KindSpec],
         ranker: Ranker | None = None,
         provenance: Provenance | None = None,
+        expected: ExpectedRuns | None = None,
     ) -> PlanReport: ...
 
     def waiting(self, limit: int) -> list[ReadyRow]:
