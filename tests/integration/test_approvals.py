@@ -216,14 +216,20 @@ def advise_run_now() -> str:
     )
 
 
+def crew(url: str) -> tuple[Tactician, SqlStore]:
+    """An app whose `fix` tasks use a pool of 5, and its store."""
+    app = Tactician(settings=Settings(db=url))
+    store: SqlStore = app.store
+    store.register_kinds([KindSpec("fix", pool="crew")])
+    store.set_pool("crew", 5)
+    return app, store
+
+
 def test_llm_run_now_advice_does_not_skip_a_decision_dependent_rule(
     sqlite_url: str,
     chat: ChatServer,  # noqa: F811 (the fixture)
 ) -> None:
-    app = Tactician(settings=Settings(db=sqlite_url))
-    store: SqlStore = app.store
-    store.register_kinds([KindSpec("fix", pool="crew")])
-    store.set_pool("crew", 5)
+    app, store = crew(sqlite_url)
     now = time.time()
     task_id = store.submit(
         [NewTask("fix", {"note": INJECTION, "sensitive": True}, due_at=now + 60)], store.kinds()
@@ -267,10 +273,7 @@ def test_a_tier_2_hold_opens_an_approval_through_a_rule_on_hold(
     sqlite_url: str,
     chat: ChatServer,  # noqa: F811 (the fixture)
 ) -> None:
-    app = Tactician(settings=Settings(db=sqlite_url))
-    store: SqlStore = app.store
-    store.register_kinds([KindSpec("fix", pool="crew")])
-    store.set_pool("crew", 5)
+    app, store = crew(sqlite_url)
     now = time.time()
     held, other = store.submit(
         [NewTask("fix", {"n": 1}, due_at=now + 60), NewTask("fix", {"n": 2}, due_at=now + 90)],

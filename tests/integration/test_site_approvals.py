@@ -471,3 +471,18 @@ def test_only_the_sites_own_token_or_an_admins_acts_as_the_site(linked: Linked) 
         headers=linked.as_("boss"),
     )
     assert bad.status_code == 422 and bad.json()["message"].startswith("site:")
+
+
+def test_a_task_cancelled_at_the_site_leaves_the_centres_list(linked: Linked) -> None:
+    site, agent = linked.site, linked.agent
+    kept, dropped = submit(site, "risky"), submit(site, "risky")
+    agent.sync_once()
+    assert list(linked.pending()) == [kept, dropped]
+    site.store.cancel(dropped, ROOT, "raised twice")
+    agent.sync_once()
+    assert list(linked.pending()) == [kept]  # withdrawn there: nobody here is asked either
+    answer = linked.vote("alice", dropped)
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["message"] == (
+        f"the approval of {dropped} at site north is already withdrawn"
+    )

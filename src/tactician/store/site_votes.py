@@ -25,7 +25,9 @@ from tactician.store.mixin import Cursor, StoreMixin
 VOTES_PER_SYNC = 100
 """Queued votes one sync reply carries (the rest go with the next ones)."""
 MAX_PENDING = 1000
-RESOLVED = ("approval.approved", "approval.rejected")
+RESOLVED = ("approval.approved", "approval.rejected", "approval.withdrawn")
+"""What ends an approval at a site (withdrawn: its task was cancelled there)."""
+_RESOLVED_SQL = "(" + ", ".join(f"'{a}'" for a in RESOLVED) + ")"
 _VOTE_COLUMNS = "id, site, task_id, actor, role, groups, verdict, reason, at, state, message"
 
 
@@ -119,7 +121,7 @@ class SiteVotesMixin(StoreMixin):
 
     def site_approvals(self, site: str) -> list[SiteApproval]:
         """The site's pending approvals as its synced records show them (oldest first): asked
-        for and neither approved nor rejected there yet, with the votes the site recorded and
+        for and not approved, rejected or withdrawn there yet, with the votes the site recorded and
         those cast here."""
         with self._read() as cur:
             self._site_known(cur, site)
@@ -131,7 +133,7 @@ class SiteVotesMixin(StoreMixin):
             "SELECT r.subject, r.seq, r.at FROM site_records r WHERE r.site = ? AND "
             f"r.action = 'approval.requested'{only} AND NOT EXISTS (SELECT 1 FROM site_records d "
             "WHERE d.site = r.site AND d.subject = r.subject AND d.action IN "
-            f"('approval.approved', 'approval.rejected')) ORDER BY r.seq LIMIT {MAX_PENDING}",
+            f"{_RESOLVED_SQL}) ORDER BY r.seq LIMIT {MAX_PENDING}",
             (site, task_id) if task_id is not None else (site,),
         )
         asked = {str(r[0]): (int(r[1]), float(r[2])) for r in cur.fetchall()}
@@ -202,7 +204,7 @@ class SiteVotesMixin(StoreMixin):
             if not self._pending(cur, site, task_id):
                 cur.execute(
                     "SELECT action FROM site_records WHERE site = ? AND subject = ? AND "
-                    "action IN ('approval.approved', 'approval.rejected') ORDER BY seq LIMIT 1",
+                    f"action IN {_RESOLVED_SQL} ORDER BY seq LIMIT 1",
                     (site, task_id),
                 )
                 done = cur.fetchone()
