@@ -867,3 +867,26 @@ def test_outcomes_are_finished_attempts_with_what_was_known_at_submission(
             store.outcomes(limit=limit)
     with pytest.raises(InvalidInput, match="since"):
         store.outcomes(since=float("nan"))
+
+
+@pytest.mark.parametrize("blocker", ["pool", "key"])
+def test_a_backlog_that_cannot_start_does_not_hide_the_tasks_behind_it(
+    opener: Opener, blocker: str
+) -> None:
+    """The earliest-due batch of a pass is all one full pool's (or one busy key's) tasks: the
+    tasks of other pools still start on the next pass."""
+    store = opener(plan_batch=10)
+    if blocker == "pool":
+        crowded = KindSpec("crowded", pool="narrow")
+        store.set_pool("narrow", 1)
+    else:
+        crowded = KindSpec("crowded", concurrency_key="{customer}")
+    kinds = register(store, crowded, KindSpec("other", pool="wide"))
+    now = time.time()
+    big = [NewTask("crowded", {"customer": "big"}, due_at=now + 100 + i) for i in range(40)]
+    store.submit(big, kinds)
+    store.submit([NewTask("other", due_at=now + 3600 + i) for i in range(5)], kinds)
+    for _ in range(3):
+        store.plan(plan_starts, kinds)
+    leased = [t.kind for t in store.list_tasks(TaskFilter(state=TaskState.LEASED))]
+    assert sorted(leased) == ["crowded"] + ["other"] * 5

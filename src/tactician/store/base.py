@@ -790,9 +790,11 @@ class SqlStore(
             room = self.settings.dispatch_ahead - int(cur.fetchone()[0])
             if room <= 0:
                 return PlanReport()
+            skip, params = self._dead_ends(cur)
             cur.execute(
-                f"SELECT {_READY_COLUMNS} FROM tasks WHERE state = 'ready' "
-                f"ORDER BY due_sort, id LIMIT {min(self.settings.plan_batch, 4 * room)}"
+                f"SELECT {_READY_COLUMNS} FROM tasks WHERE state = 'ready'{skip} "
+                f"ORDER BY due_sort, id LIMIT {min(self.settings.plan_batch, 4 * room)}",
+                params,
             )
             rows = [ReadyRow(*row) for row in cur.fetchall()]
             if not rows:
@@ -836,6 +838,27 @@ class SqlStore(
                 )
         started = tuple(c.id for c in plan.starts)
         return PlanReport(len(candidates), len(plan.starts), plan.blocked, plan.wake_in, started)
+
+    def _dead_ends(self, cur: Cursor) -> tuple[str, list[Any]]:
+        """A condition that leaves out of a pass the ready tasks that cannot start whatever
+        the order: those of a pool with no unit free, and those whose concurrency key is busy.
+        Without it, a batch filled by one full pool's (or one key's) backlog, earliest due
+        first, would keep every other pool's tasks waiting behind it."""
+        cur.execute("SELECT name, capacity FROM pools WHERE capacity IS NOT NULL")
+        capacity = {str(name): int(cap) for name, cap in cur.fetchall()}
+        condition = (
+            f" AND (concurrency_key IS NULL OR concurrency_key NOT IN (SELECT concurrency_key "
+            f"FROM tasks WHERE state IN {ACTIVE} AND concurrency_key IS NOT NULL))"
+        )
+        if not capacity:
+            return condition, []
+        cur.execute(f"SELECT pool, sum(units) FROM tasks WHERE state IN {ACTIVE} GROUP BY pool")
+        used = {str(pool): int(units) for pool, units in cur.fetchall()}
+        full = sorted(p for p, cap in capacity.items() if used.get(p, 0) >= cap)
+        if not full:
+            return condition, []
+        clause, params = self._in("pool", full)
+        return f" AND NOT ({clause}){condition}", params
 
     def _capacity_view(
         self,
