@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import logging
 import math
 import multiprocessing
@@ -31,6 +32,7 @@ from tactician.run.notify import NOTIFY_KIND, notify, notify_kind
 from tactician.run.planner import PlannerService
 from tactician.run.ranking import LiveRanker, make_scorer
 from tactician.run.refit import ModelWatch, Refitter
+from tactician.run.supervise import STOP_WAIT_S, Supervisor
 from tactician.run.worker import Worker, WorkerOptions
 from tactician.settings import Settings
 from tactician.store.base import SqlStore
@@ -412,8 +414,9 @@ class Tactician:
         options: WorkerOptions | None = None,
         services: Sequence[tuple[str, Callable[[], None]]] = (),
     ) -> None:
-        """A planner in this process, `workers` worker processes and a process for each of
-        `services` (name, what it runs: bus ingestion), until SIGTERM/SIGINT."""
+        """A planner in this process; `workers` worker processes and a process for each of
+        `services` (name, what it runs: bus ingestion), kept running by a supervisor process
+        (`run.supervise`); until SIGTERM/SIGINT."""
         if workers and not self.user_kinds():
             raise InvalidInput(
                 "serve needs an app with task kinds (--app module:app) for its "
@@ -424,23 +427,22 @@ class Tactician:
             return
         for sig in (signal.SIGTERM, signal.SIGINT):  # until each process sets its own
             signal.signal(sig, signal.SIG_DFL)
-        self.close()
-        ctx = multiprocessing.get_context("fork")
-        children = [
-            ctx.Process(target=_child_worker, args=(self, options), name=f"worker-{i}")
-            for i in range(workers)
+        self.close()  # the supervisor forks with no connection to inherit
+        children: list[tuple[str, Callable[[], None]]] = [
+            (f"worker-{i}", functools.partial(_child_worker, self, options)) for i in range(workers)
         ]
-        children += [ctx.Process(target=run, name=name) for name, run in services]
-        for child in children:
-            child.start()
+        children += services
+        supervisor = None
+        if children:
+            ctx = multiprocessing.get_context("fork")
+            supervisor = ctx.Process(target=Supervisor(children).run, name="supervisor")
+            supervisor.start()
         try:
             self.run_planner()
         finally:
-            for child in children:
-                if child.pid is not None and child.is_alive():
-                    child.terminate()
-            for child in children:
-                child.join(30)
+            if supervisor is not None:
+                supervisor.terminate()  # it stops its children, then itself
+                supervisor.join(STOP_WAIT_S + 10)
 
 
 _KIND_OPTIONS = {
