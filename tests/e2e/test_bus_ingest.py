@@ -689,16 +689,25 @@ def test_sources_from_the_live_bundle(pg_url: str, tmp_path: Path) -> None:
     assert "source shop: outbox rows" in ingest.text() and "source other" not in ingest.text()
 
 
+TWO_SOURCES = """name: more-buses
+templates:
+  - {name: order, source: shop, match: {type: order}, task: {kind: job, payload: {n: "{n}"}}}
+  - {name: later, source: later, match: {type: order}, task: {kind: job, payload: {n: "{n}"}}}
+sources:
+  - {name: shop, type: outbox}
+  - {name: later, type: outbox}
+"""
+
+
 def test_serve_with_ingest_runs_the_bundles_sources_beside_the_planner(
     pg_url: str, tmp_path: Path
 ) -> None:
-    """`tactician serve --ingest` pulls the live bundle's sources in a child process, and its
-    SIGTERM stops them with the planner."""
+    """`tactician serve --ingest` pulls the live bundle's sources in a child process, follows
+    a deploy that adds one, and its SIGTERM stops them with the planner."""
     app = Tactician(settings=Settings(db=pg_url))
     app.store.register_kinds([KindSpec("job", pool="p")])
     bundle = BUNDLE.format(source="shop") + "sources: [{name: shop, type: outbox}]\n"
     app.gate.deploy(ROOT, bundle, "buses.yaml")
-    app.close()
     shop = OutboxBus("shop", "-", pg_url)
     shop.publish([(f"order-{n}", order(n)) for n in range(5)])
     with Cluster(pg_url, tmp_path) as cluster:
@@ -713,7 +722,16 @@ def test_serve_with_ingest_runs_the_bundles_sources_beside_the_planner(
         wait_until(lambda: tasks_of(pg_url, "shop")[0] == 5, 60, lambda: serve.tail())
         shop.publish([(f"order-{n}", order(n)) for n in range(5, 8)])  # while it runs
         wait_until(lambda: tasks_of(pg_url, "shop")[0] == 8, 60, lambda: serve.tail())
+        later = OutboxBus("later", "-", pg_url)
+        later.publish([(f"late-{n}", order(100 + n)) for n in range(4)])
+        app.gate.deploy(ROOT, TWO_SOURCES, "more-buses.yaml")  # seen within 5 s, no restart
+        wait_until(lambda: tasks_of(pg_url, "later")[0] == 4, 60, lambda: serve.tail())
+        shop.publish([(f"order-{n}", order(n)) for n in range(8, 10)])
+        wait_until(lambda: tasks_of(pg_url, "shop")[0] == 10, 60, lambda: serve.tail())
         assert serve.stop() == 0
-    assert shop.held() == 0
-    assert "source shop: outbox rows" in serve.text()
-    assert "source shop: stopped after" in serve.text()  # SIGTERM reached the ingest child
+    app.close()
+    assert shop.held() == 0 and later.held() == 0
+    text = serve.text()
+    assert "source shop: outbox rows" in text
+    assert "changes the sources: shop, later" in text
+    assert text.count("source shop: stopped after") == 2  # at the deploy, and at SIGTERM

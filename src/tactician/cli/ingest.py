@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Annotated
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from tactician.cli.options import DbOption
-from tactician.errors import InvalidInput
+from tactician.errors import InvalidInput, TacticianError
 from tactician.settings import Settings
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from tactician.ingest.sources import Link
 
 log = logging.getLogger("tactician.ingest")
+BUNDLE_CHECK_S = 5.0
+"""How often a process running the live bundle's sources looks for a deploy that changes them."""
 
 ConfigOption = Annotated[
     str | None,
@@ -73,14 +76,15 @@ def ingest(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    declared = read_sources(config) if config else _bundle_sources(settings, stop)
-    if declared is None:
-        return  # told to stop while waiting for the database
-    chosen = select_sources(declared, source or [])
+    template = _load_app(app) if app else None
+    if config is None:
+        if not follow_bundle(settings, template, source or [], stop, required=True):
+            raise typer.Exit(1)
+        return
+    chosen = select_sources(read_sources(config), source or [])
     if not chosen:
-        where = config or "the live policy bundle"
-        raise InvalidInput(f"no sources to run: {where} declares none")
-    if not run_sources(chosen, settings, _load_app(app) if app else None, stop):
+        raise InvalidInput(f"no sources to run: {config} declares none")
+    if not run_sources(chosen, settings, template, stop):
         raise typer.Exit(1)
 
 
@@ -90,13 +94,106 @@ def serve_sources(settings: Settings, template: Tactician | None) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    declared = _bundle_sources(settings, stop)
-    if not declared:
-        if declared is not None:
-            log.warning("ingest: the live policy bundle declares no sources; none run")
-        return
-    if not run_sources(declared, settings, template, stop):
+    if not follow_bundle(settings, template, [], stop, required=False):
         raise SystemExit(1)
+
+
+def follow_bundle(
+    settings: Settings,
+    template: Tactician | None,
+    names: Sequence[str],
+    stop: threading.Event,
+    *,
+    required: bool,
+) -> bool:
+    """The live bundle's sources (those `names`, or all), until `stop`. A deploy that changes
+    them is seen within BUNDLE_CHECK_S: the running sources finish their batch (commit, ack)
+    and the new set starts. With `required`, a bundle that declares none at the start is an
+    error; otherwise, and after the start, ingest waits for a deploy that declares some.
+    False if a source crashed."""
+    from tactician.ingest.sources import select_sources
+
+    declared = _bundle_sources(settings, stop)
+    if declared is None:
+        return True  # told to stop while waiting for the database
+    chosen = select_sources(declared, names)
+    if not chosen and required:
+        raise InvalidInput("no sources to run: the live policy bundle declares none")
+    while not stop.is_set():
+        changed = _Change()
+        watch = threading.Thread(
+            target=_watch_bundle,
+            args=(settings, names, chosen, stop, changed),
+            name="bundle-watch",
+        )
+        watch.start()
+        if chosen:
+            ok = run_sources(chosen, settings, template, changed)
+        else:
+            log.warning("ingest: the live policy bundle declares no sources; waiting for one")
+            ok = True
+        while watch.is_alive():  # short waits: the main thread runs the signal handler
+            watch.join(0.2)
+        if not ok:
+            return False
+        if changed.sources is not None:
+            chosen = changed.sources
+    return True
+
+
+class _Change(threading.Event):
+    """Set when the running sources must stop: told to, a source crashed, or a deploy changed
+    them (then `sources` is the new set)."""
+
+    sources: list[SourceSpec] | None = None
+
+
+def _watch_bundle(
+    settings: Settings,
+    names: Sequence[str],
+    running: Sequence[SourceSpec],
+    stop: threading.Event,
+    changed: _Change,
+) -> None:
+    """Set `changed` (with the new sources on it) when the live bundle's sources differ from
+    `running`, or when `stop` is set; also ends when `changed` is set by anyone else (a crashed
+    source stops the others)."""
+    from tactician.ingest.sources import select_sources
+    from tactician.run.gate import Gate
+    from tactician.store.open import open_store
+
+    store = None
+    checked = time.monotonic()
+    problem = None
+    try:
+        while not changed.wait(0.2):
+            if stop.is_set():
+                changed.set()
+                return
+            if time.monotonic() - checked < BUNDLE_CHECK_S:
+                continue
+            checked = time.monotonic()
+            try:
+                store = store or open_store(settings.db, settings)
+                policy = Gate(store).policy()
+                now = select_sources(policy.bundle.sources, names)
+            except TacticianError as exc:  # a database away, a source no longer declared
+                if exc.message != problem:
+                    log.error("ingest: cannot read the live bundle's sources: %s", exc.message)
+                problem = exc.message
+                continue
+            problem = None
+            if now != list(running):
+                log.info(
+                    "ingest: policy %s changes the sources: %s",
+                    policy.version[:12],
+                    ", ".join(spec.name for spec in now) or "none",
+                )
+                changed.sources = now
+                changed.set()
+    finally:
+        if store is not None:
+            store.close()
 
 
 def run_sources(
