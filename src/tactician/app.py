@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from tactician.clock import SYSTEM_CLOCK
 from tactician.decide.decision import Decision, Tier
 from tactician.decide.service import DecidePolicy, MergeRule, decide, pending_reason
+from tactician.decide.shares import FairShare
 from tactician.domain import ExecutorKind, KindSpec, NewTask, RateLimit, RetryPolicy, Task
 from tactician.errors import InvalidInput, TacticianError, UnknownKind
 from tactician.govern.policy import SERVED_MODELS, limited
@@ -372,10 +373,15 @@ class Tactician:
             pool_used={u.pool.name: u.used for u in usage},
         )
         now = self.store.db_now() if now is None else now
+        scorer = ranker.scorer
+        if ranker.fair is not None:  # the planner's shift, from the tenants' recent usage
+            ranker.refresh(now)
+            book = ranker.fair
+            scorer = FairShare(scorer, book.shares, weight=book.weight, book=book)
         snapshot, rows = ranker.snapshot(waiting, view, now)
         decisions = decide(
             snapshot,
-            ranker.scorer,
+            scorer,
             self.decide_policy(),
             model_version=ranker.model_version,
             explain=[rows[t] for t in explain if t in rows],

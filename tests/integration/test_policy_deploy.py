@@ -3,16 +3,18 @@ gives back exactly the decisions the earlier bundle made on the same snapshot.""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from tactician.app import Tactician
-from tactician.domain import KindSpec, NewTask, RateLimit
+from tactician.domain import KindSpec, NewTask, RateLimit, Result
 from tactician.errors import Conflict, InvalidInput
 from tactician.govern.policy import BundleError, bundle_version, limited, parse_bundle
 from tactician.govern.roles import Actor, Role
 from tactician.settings import Settings
+from tactician.store.protocol import Finish
 
 ROOT = Actor("root", Role.ADMIN)
 A = "name: calm\nobjective: {scorer: edf}\nthresholds: {confidence: 0.3}\npools: {p: 2}\n"
@@ -148,3 +150,28 @@ def test_an_edge_agents_leased_kinds_keep_their_rate() -> None:
     assert leased.rate == marker and leased.max_concurrency == 3
     assert set(limited(kinds, bundle.limits)) == {"job", "other"}  # `gone` is not a kind here
     assert limited(kinds, {}) is kinds
+
+
+def test_tasks_why_shows_the_fair_share_shift(db_url: str) -> None:
+    app = Tactician(settings=Settings(db=db_url, scorer="fifo"))
+    try:
+        app.store.register_kinds([KindSpec("job", pool="p")])
+        app.store.set_pool("p", 2)
+        app.submit_many([NewTask("job", tenant="a") for _ in range(2)])
+        app.planner().tick()
+        for claim in app.store.claim("w1", ["job"], 2):  # tenant a ran 2 x 100 s
+            done = Result(claim.task_id, claim.token, True, time.time() - 100.0, 100.0)
+            finish = Finish(done, claim.kind, claim.attempt, None)
+            assert app.store.finish("w1", [finish], app.store.kinds())
+        (first,) = app.submit_many([NewTask("job", tenant="a")])  # fifo alone: a's first
+        (second,) = app.submit_many([NewTask("job", tenant="b")])
+        plain = {d.task_id: d.score for d in app.decisions()[0]}
+        assert plain[first] > plain[second]
+        fair = "{scorer: fifo, fair_share: {shares: {a: 1, b: 1}, weight: 2.0}}"
+        app.gate.deploy(ROOT, f"name: fair\nobjective: {fair}\n", "fair.yaml")
+        shown = {d.task_id: d for d in app.decisions(explain=[first])[0]}
+        assert shown[second].score > shown[first].score  # as the planner will order them
+        assert "tenant a: fair-share factor" in shown[first].why()
+        assert "used more than its share" in shown[first].why()
+    finally:
+        app.close()

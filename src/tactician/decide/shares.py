@@ -140,8 +140,10 @@ class FairShare:
         *,
         weight: float = 0.5,
         half_life_s: float = 3600.0,
+        book: FairBook | None = None,
     ) -> None:
-        self.book = FairBook(shares, weight=weight, half_life_s=half_life_s)
+        """With `book`, rank by that accounting (the live ranker's) instead of a new one."""
+        self.book = book or FairBook(shares, weight=weight, half_life_s=half_life_s)
         self.inner = inner
         self.name = inner.name
         self.weight = weight
