@@ -790,7 +790,7 @@ class SqlStore(
             room = self.settings.dispatch_ahead - int(cur.fetchone()[0])
             if room <= 0:
                 return PlanReport()
-            skip, params = self._dead_ends(cur)
+            skip, params = self._dead_ends(cur, kinds)
             cur.execute(
                 f"SELECT {_READY_COLUMNS} FROM tasks WHERE state = 'ready'{skip} "
                 f"ORDER BY due_sort, id LIMIT {min(self.settings.plan_batch, 4 * room)}",
@@ -839,17 +839,21 @@ class SqlStore(
         started = tuple(c.id for c in plan.starts)
         return PlanReport(len(candidates), len(plan.starts), plan.blocked, plan.wake_in, started)
 
-    def _dead_ends(self, cur: Cursor) -> tuple[str, list[Any]]:
+    def _dead_ends(self, cur: Cursor, kinds: Mapping[str, KindSpec]) -> tuple[str, list[Any]]:
         """A condition that leaves out of a pass the ready tasks that cannot start whatever
-        the order: those of a pool with no unit free, and those whose concurrency key is busy.
-        Without it, a batch filled by one full pool's (or one key's) backlog, earliest due
-        first, would keep every other pool's tasks waiting behind it."""
+        the order: those of a pool with no unit free, and those whose concurrency key is busy
+        (looked up only when a kind has a key). Without it, a batch filled by one full pool's
+        (or one key's) backlog, earliest due first, would keep every other pool's tasks
+        waiting behind it."""
         cur.execute("SELECT name, capacity FROM pools WHERE capacity IS NOT NULL")
         capacity = {str(name): int(cap) for name, cap in cur.fetchall()}
-        condition = (
-            f" AND (concurrency_key IS NULL OR concurrency_key NOT IN (SELECT concurrency_key "
-            f"FROM tasks WHERE state IN {ACTIVE} AND concurrency_key IS NOT NULL))"
-        )
+        condition = ""
+        if any(kind.concurrency_key is not None for kind in kinds.values()):
+            condition = (
+                " AND (concurrency_key IS NULL OR concurrency_key NOT IN (SELECT "
+                f"concurrency_key FROM tasks WHERE state IN {ACTIVE} AND concurrency_key IS "
+                "NOT NULL))"
+            )
         if not capacity:
             return condition, []
         cur.execute(f"SELECT pool, sum(units) FROM tasks WHERE state IN {ACTIVE} GROUP BY pool")
