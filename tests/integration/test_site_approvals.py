@@ -44,6 +44,7 @@ approvals:
     approvers: {roles: [approver]}
     expires_after: 2h
     offline: hold
+    editable: [weight]
   - name: fixes-by-sre
     match: {kinds: [fix]}
     approvers: {groups: [sre]}
@@ -486,3 +487,28 @@ def test_a_task_cancelled_at_the_site_leaves_the_centres_list(linked: Linked) ->
     assert answer.json()["message"] == (
         f"the approval of {dropped} at site north is already withdrawn"
     )
+
+
+def test_a_vote_at_the_centre_carries_the_edits_the_sites_rule_allows(linked: Linked) -> None:
+    site, agent, client = linked.site, linked.agent, linked.client
+    edited, wrong = submit(site, "risky"), submit(site, "risky")
+    agent.sync_once()
+
+    def vote(task_id: str, edits: dict[str, Any]) -> Any:
+        body = {"verdict": "approve", "reason": "ok", "edits": edits}
+        return client.post(
+            f"/sites/{SITE}/approvals/{task_id}", json=body, headers=linked.as_("alice")
+        )
+
+    assert vote(edited, {"weight": 5}).json()["edits"] == {"weight": 5}
+    assert vote(wrong, {"due_at": 1.0}).status_code == 202  # the site's rule decides
+    agent.sync_once()
+    agent.sync_once()
+    assert site.get(edited).state is TaskState.PENDING and site.get(edited).weight == 5
+    assert site.get(wrong).state is TaskState.AWAITING_APPROVAL
+    states = {v.task_id: (v.state, v.message) for v in linked.centre.store.site_votes(SITE, None)}
+    assert states[edited] == ("applied", "approved (1 of 1 approvals)")
+    assert states[wrong][0] == "refused"
+    assert "does not let an approver edit due_at" in (states[wrong][1] or "")
+    (change,) = records(site, "task.edited")
+    assert (change.subject, change.details["edits"]) == (edited, {"weight": 5})

@@ -82,10 +82,13 @@ def _apply(app: Tactician, vote_id: str, task_id: str, vote: Mapping[str, Any]) 
     try:
         voter = _actor(vote.get("voter"))
         verdict, reason = str(vote.get("verdict", "")), str(vote.get("reason", ""))
+        edits = vote.get("edits") or {}
+        if not isinstance(edits, Mapping):
+            raise InvalidInput("the vote's edits are not an object")
         if _cast_already(app, task_id, voter, verdict, reason):
             # Applied before its outcome could be kept (the link died in between).
             return VoteReport(vote_id, True, f"{voter.name} had already voted {verdict}")
-        row = app.gate.vote(voter, task_id, verdict, reason, via=f"centre:{vote_id}")
+        row = app.gate.vote(voter, task_id, verdict, reason, edits, via=f"centre:{vote_id}")
     except REFUSALS as exc:
         return VoteReport(vote_id, False, exc.message)
     return VoteReport(vote_id, True, row.tally().text())

@@ -72,6 +72,8 @@ class SyncIn(_In):
 class SiteVoteIn(_In):
     verdict: Literal["approve", "reject"]
     reason: str = Field(min_length=1, max_length=2000)
+    edits: dict[str, Any] = Field(default_factory=dict)
+    """Fields the site's rule lets an approver change (`weight`, `payload.region`...)."""
 
 
 class Returned(_In):
@@ -154,7 +156,7 @@ def build(current_app: AppDep, actor_of: ActorDep) -> APIRouter:
         """Vote on the site's pending approval of `task_id`: queued until the site's agent
         applies it through its own gate (its answer shows here after its next sync)."""
         app.gate.authorize(actor, Operation.VOTE, f"site:{site}/{task_id}")
-        vote = app.store.cast_site_vote(site, task_id, actor, body.verdict, body.reason)
+        vote = app.store.cast_site_vote(site, task_id, actor, body.verdict, body.reason, body.edits)
         return vote.to_json()
 
     return router

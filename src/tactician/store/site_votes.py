@@ -11,13 +11,13 @@ report not yet through) is applied once, and its report is sent until the centre
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from tactician.errors import Conflict, InvalidInput, NotFound
 from tactician.govern.approvals import Verdict
-from tactician.govern.audit import Entry
+from tactician.govern.audit import Entry, canonical_json
 from tactician.govern.roles import Actor
 from tactician.ids import new_ids
 from tactician.store.mixin import Cursor, StoreMixin
@@ -28,7 +28,7 @@ MAX_PENDING = 1000
 RESOLVED = ("approval.approved", "approval.rejected", "approval.withdrawn")
 """What ends an approval at a site (withdrawn: its task was cancelled there)."""
 _RESOLVED_SQL = "(" + ", ".join(f"'{a}'" for a in RESOLVED) + ")"
-_VOTE_COLUMNS = "id, site, task_id, actor, role, groups, verdict, reason, at, state, message"
+_VOTE_COLUMNS = "id, site, task_id, actor, role, groups, verdict, reason, at, state, message, edits"
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class SiteVote:
     state: str
     """queued (not yet reported by the site), applied or refused."""
     message: str | None
+    edits: Mapping[str, Any] = field(default_factory=dict)
+    """What the approver changes on approval (checked by the site's gate)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -56,6 +58,7 @@ class SiteVote:
             "voter": self.actor,
             "verdict": self.verdict,
             "reason": self.reason,
+            "edits": dict(self.edits),
             "at": self.at,
             "state": self.state,
             "message": self.message,
@@ -69,6 +72,7 @@ class SiteVote:
             "voter": {"name": self.actor, "role": self.role, "groups": list(self.groups)},
             "verdict": self.verdict,
             "reason": self.reason,
+            "edits": dict(self.edits),
             "at": self.at,
         }
 
@@ -190,7 +194,13 @@ class SiteVotesMixin(StoreMixin):
         ]
 
     def cast_site_vote(
-        self, site: str, task_id: str, actor: Actor, verdict: Verdict, reason: str
+        self,
+        site: str,
+        task_id: str,
+        actor: Actor,
+        verdict: Verdict,
+        reason: str,
+        edits: Mapping[str, Any] | None = None,
     ) -> SiteVote:
         """Queue `actor`'s vote on the site's pending approval of `task_id` for the site's
         agent (audited `site_vote.cast`). The site's gate has the last word: its rule's
@@ -226,7 +236,7 @@ class SiteVotesMixin(StoreMixin):
             groups = tuple(sorted(actor.groups))
             cur.execute(
                 f"INSERT INTO site_votes ({_VOTE_COLUMNS}) VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', NULL)",
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', NULL, ?)",
                 (
                     vote_id,
                     site,
@@ -237,6 +247,7 @@ class SiteVotesMixin(StoreMixin):
                     verdict,
                     reason,
                     now,
+                    canonical_json(dict(edits or {})),
                 ),
             )
             detail: dict[str, Any] = {
@@ -247,6 +258,8 @@ class SiteVotesMixin(StoreMixin):
                 "role": actor.role.value,
                 "groups": list(groups),
             }
+            if edits:
+                detail["edits"] = dict(edits)
             if actor.bootstrap:
                 detail["bootstrap"] = True
             self._audit(cur, [Entry(actor.name, "site_vote.cast", task_id, detail)], now)
@@ -262,6 +275,7 @@ class SiteVotesMixin(StoreMixin):
                 now,
                 "queued",
                 None,
+                dict(edits or {}),
             )
 
     def site_votes(self, site: str, state: str | None = "queued") -> list[SiteVote]:
@@ -352,4 +366,5 @@ def _vote(row: Sequence[Any]) -> SiteVote:
         float(row[8]),
         str(row[9]),
         None if row[10] is None else str(row[10]),
+        json.loads(row[11]),
     )
