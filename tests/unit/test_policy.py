@@ -183,6 +183,17 @@ def test_the_version_ignores_comments_spacing_key_order_and_spelling() -> None:
     assert bundle_version(FULL) != bundle_version(FULL.replace("required: 2", "required: 3"))
 
 
+
+def test_a_field_written_at_its_default_does_not_change_the_version() -> None:
+    """So a field the schema gains later, defaulting to today's behaviour, leaves the versions
+    of the bundles already deployed as they were."""
+    plain = "name: calm\nobjective: {scorer: edf}\n"
+    spelled_out = "name: calm\nobjective: {scorer: edf, reserve: false, max_wait: null}\n"
+    assert bundle_version(plain) == bundle_version(spelled_out)
+    assert bundle_version(plain) != bundle_version(plain.replace("edf}", "edf, reserve: true}"))
+    assert canonical_json(parse_bundle(plain)) == '{"name":"calm","objective":{"scorer":"edf"}}'
+
+
 def test_canonical_json_is_sorted_and_compact() -> None:
     text = canonical_json(parse_bundle("name: t\npools: {b: 2, a: 1}\n"))
     assert '"pools":{"a":1,"b":2}' in text and ": " not in text

@@ -453,8 +453,10 @@ def parse_bundle(text: str, filename: str = "policy.yaml") -> PolicyBundle:
 
 
 def canonical_json(bundle: PolicyBundle) -> str:
-    """The bundle as sorted, compact JSON: what its version is the hash of."""
-    return _canonical(bundle.model_dump(mode="json"))
+    """The bundle as sorted, compact JSON: what its version is the hash of. Fields at their
+    default are left out, so a field added to the schema later (with a default that keeps
+    today's behaviour) does not change the version of a bundle that does not use it."""
+    return _canonical(bundle.model_dump(mode="json", exclude_defaults=True))
 
 
 def bundle_version(text: str, filename: str = "policy.yaml") -> str:
