@@ -87,6 +87,7 @@ def test_submit_list_show_cancel_retry(workdir: Path, sqlite_url: str) -> None:
         (["pools", "--set", "drivers=-1"], "units must be a whole number"),
         (["worker", "--app", "nosuchmodule:app"], "cannot import nosuchmodule"),
         (["schedules", "add", "s1", "--kind", "greet", "--cron", "61 * * * *"], "schedule s1"),
+        (["purge", "--before", "soon"], "--before: not a time"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(

@@ -330,6 +330,12 @@ COMMANDS = [
         lambda w: ["pools", "--set", "p=7", "--json"],
         "pool.set",
     ),
+    Command(
+        "purge",
+        Operation.PURGE,
+        lambda w: ["purge", "--before", "30d", "--json"],
+        "tasks.purged",
+    ),
 ]
 
 MATRIX = [pytest.param(role, c, id=f"{role}-{c.slug}") for c in COMMANDS for role in Role]

@@ -890,3 +890,37 @@ def test_a_backlog_that_cannot_start_does_not_hide_the_tasks_behind_it(
         store.plan(plan_starts, kinds)
     leased = [t.kind for t in store.list_tasks(TaskFilter(state=TaskState.LEASED))]
     assert sorted(leased) == ["crowded"] + ["other"] * 5
+
+
+def test_purge_removes_what_ended_before_the_cutoff_and_keeps_the_rest(store: SqlStore) -> None:
+    kinds = register(store)
+    old_ok, old_dead, parent = store.submit(
+        [NewTask("noop", idempotency_key="k-ok"), NewTask("noop"), NewTask("noop")], kinds
+    )
+    (child,) = store.submit([NewTask("noop", depends_on=(parent,))], kinds)
+    claims = {c.task_id: c for c in start(store, kinds)}
+    assert set(claims) == {old_ok, old_dead, parent}
+    dead = failed(claims[old_dead], None, retryable=False)
+    done = [ok(claims[old_ok]), ok(claims[parent]), dead]
+    assert all(store.finish("w1", done, kinds))
+    store.promote()  # the child is ready now (it runs, unfinished): its parent stays
+    time.sleep(0.01)
+    cutoff = store.db_now()
+    (recent,) = store.submit([NewTask("noop")], kinds)
+    (claim,) = [c for c in start(store, kinds) if c.task_id == recent]
+    assert store.finish("w1", [ok(claim)], kinds)  # ended after the cutoff: it stays
+
+    assert store.purge(cutoff, dry_run=True) == 2
+    assert total(store) == 5  # a dry run changes nothing
+    assert store.purge(cutoff) == 2
+    for gone in (old_ok, old_dead):
+        with pytest.raises(NotFound):
+            store.get(gone)
+        assert store.attempts(gone) == []
+    assert {store.get(t).state for t in (parent, recent)} == {TaskState.SUCCEEDED}
+    assert not store.get(child).state.is_final
+    assert store.purge(cutoff) == 0  # nothing more; recorded all the same
+    purged = [r for r in store.audit_records() if r.action == "tasks.purged"]
+    assert [r.details["count"] for r in purged] == [2, 0]
+    (again,) = store.submit([NewTask("noop", idempotency_key="k-ok")], kinds)
+    assert again != old_ok  # the key is free again

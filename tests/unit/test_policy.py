@@ -183,7 +183,6 @@ def test_the_version_ignores_comments_spacing_key_order_and_spelling() -> None:
     assert bundle_version(FULL) != bundle_version(FULL.replace("required: 2", "required: 3"))
 
 
-
 def test_a_field_written_at_its_default_does_not_change_the_version() -> None:
     """So a field the schema gains later, defaulting to today's behaviour, leaves the versions
     of the bundles already deployed as they were."""

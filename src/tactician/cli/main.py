@@ -23,6 +23,7 @@ from tactician.cli.govern import register as register_govern
 from tactician.cli.ingest import register as register_ingest
 from tactician.cli.models import register as register_models
 from tactician.cli.options import DbOption, JsonOption, TokenOption
+from tactician.cli.report import parse_when
 from tactician.cli.report import register as register_report
 from tactician.cli.simulate import CapacityOption, parse_capacities
 from tactician.cli.simulate import simulate as simulate_command
@@ -455,6 +456,39 @@ def tasks_reprioritize(
         _print_json(_task_json(task))
     else:
         out.print(f"{task_id}: weight {task.weight:g}, due {_fmt_time(task.due_at)}")
+
+
+@cli.command()
+def purge(
+    before: Annotated[
+        str,
+        typer.Option(
+            "--before",
+            help="Remove tasks that ended before this: a duration back from now (30d, 12h) "
+            "or an ISO 8601 time with a zone.",
+        ),
+    ],
+    db: DbOption = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would go; change nothing.")
+    ] = False,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Remove finished tasks (and their attempts, approvals, overrides) that ended before a
+    time; the audit chain keeps their story. Their idempotency keys become free again."""
+    app = _open(db)
+    cutoff = parse_when(before, "before", app.store.db_now())
+    if dry_run:
+        count = app.store.purge(cutoff, dry_run=True)
+    else:
+        actor = authorized(app, token, Operation.PURGE, f"before {before}")
+        count = app.store.purge(cutoff, actor)
+    if as_json:
+        _print_json({"before": cutoff, "purged": 0 if dry_run else count, "would": count})
+    else:
+        verb = "would remove" if dry_run else "removed"
+        out.print(f"{verb} {count} tasks that ended before {_fmt_time(cutoff)}")
 
 
 @cli.command()

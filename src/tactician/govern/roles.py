@@ -41,6 +41,7 @@ class Operation(enum.StrEnum):
     CLEAR_DRIFT = "drift.clear"
     CREATE_TOKEN = "token.create"
     REVOKE_TOKEN = "token.revoke"
+    PURGE = "task.purge"
 
 
 _OPERATOR = frozenset(

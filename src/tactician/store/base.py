@@ -15,6 +15,7 @@ from importlib import resources
 from typing import Any
 
 from tactician.domain import (
+    FINAL_STATES,
     Attempt,
     Claim,
     KindSpec,
@@ -95,6 +96,18 @@ INTERVENTIONS = (
 """Audit actions a human takes: the manual interventions the metrics count."""
 # States a dependency can end in without succeeding: its dependents die too.
 FAILED_UPSTREAM = "('dead', 'cancelled', 'rejected', 'expired')"
+FINAL = "(" + ", ".join(f"'{state.value}'" for state in sorted(FINAL_STATES)) + ")"
+PURGE_BATCH = 5000
+"""Tasks removed per transaction by `purge` (each transaction short, whatever the backlog)."""
+PURGED_WITH_THEIR_TASK = (
+    "attempts",
+    "task_deps",
+    "approvals",
+    "approval_votes",
+    "overrides",
+    "decisions",
+)
+"""The tables whose rows belong to one task (`task_id`) and go with it."""
 
 
 class SqlStore(
@@ -546,6 +559,42 @@ class SqlStore(
                 entries += self._withdraw_approvals(cur, [task_id], actor, now)
             self._audit(cur, entries, now)
             return self._get(cur, task_id)
+
+    def purge(self, before: float, actor: Actor = SYSTEM, *, dry_run: bool = False) -> int:
+        """Remove the tasks that ended (succeeded, dead, cancelled, rejected, merged, expired)
+        before `before`, with their attempts, dependencies, approvals, overrides and shadow
+        decisions; the audit chain keeps everything it recorded. A task that an unfinished one
+        depends on stays. Works in transactions of PURGE_BATCH tasks, each audited
+        (`tasks.purged`); returns how many went (with `dry_run`: would go, nothing changed)."""
+        where = (
+            f"state IN {FINAL} AND finished_at < ? AND NOT EXISTS (SELECT 1 FROM task_deps d "
+            f"JOIN tasks c ON c.id = d.task_id WHERE d.depends_on = tasks.id AND c.state NOT IN "
+            f"{FINAL})"
+        )
+        if dry_run:
+            with self._read() as cur:
+                cur.execute(f"SELECT count(*) FROM tasks WHERE {where}", (before,))
+                return int(cur.fetchone()[0])
+        total = 0
+        while True:
+            with self._tx() as cur:
+                now = self._now(cur)
+                cur.execute(f"SELECT id FROM tasks WHERE {where} LIMIT {PURGE_BATCH}", (before,))
+                ids = [row[0] for row in cur.fetchall()]
+                if ids:
+                    clause, params = self._in("task_id", ids)
+                    for table in PURGED_WITH_THEIR_TASK:
+                        cur.execute(f"DELETE FROM {table} WHERE {clause}", params)
+                    clause, params = self._in("id", ids)
+                    cur.execute(f"DELETE FROM tasks WHERE {clause}", params)
+                if ids or not total:  # a purge that found nothing is recorded once too
+                    detail: dict[str, Any] = {"before": before, "count": len(ids)}
+                    if actor.bootstrap:
+                        detail["bootstrap"] = True
+                    self._audit(cur, [Entry(actor.name, "tasks.purged", "-", detail)], now)
+            total += len(ids)
+            if len(ids) < PURGE_BATCH:
+                return total
 
     def cancel_waiting(self, key_prefix: str, actor: Actor = SYSTEM, reason: str = "") -> list[str]:
         """Cancel every task not started yet whose idempotency key starts with `key_prefix`

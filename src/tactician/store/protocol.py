@@ -429,6 +429,10 @@ class Store(GovernanceStore, DeadLetterStore, DriftStore, CountersStore, Protoco
 
     def retry(self, task_id: str, actor: Actor = ...) -> Task: ...
 
+    def purge(self, before: float, actor: Actor = ..., *, dry_run: bool = False) -> int:
+        """Remove the tasks that ended before `before` (the audit chain keeps their story)."""
+        ...
+
     def cancel_waiting(
         self, key_prefix: str, actor: Actor = ..., reason: str = ""
     ) -> list[str]: ...
