@@ -894,8 +894,10 @@ def test_a_backlog_that_cannot_start_does_not_hide_the_tasks_behind_it(
 
 def test_purge_removes_what_ended_before_the_cutoff_and_keeps_the_rest(store: SqlStore) -> None:
     kinds = register(store)
+    due = time.time() + 3600
     old_ok, old_dead, parent = store.submit(
-        [NewTask("noop", idempotency_key="k-ok"), NewTask("noop"), NewTask("noop")], kinds
+        [NewTask("noop", idempotency_key="k-ok", due_at=due), NewTask("noop"), NewTask("noop")],
+        kinds,
     )
     (child,) = store.submit([NewTask("noop", depends_on=(parent,))], kinds)
     claims = {c.task_id: c for c in start(store, kinds)}
@@ -912,7 +914,18 @@ def test_purge_removes_what_ended_before_the_cutoff_and_keeps_the_rest(store: Sq
 
     assert store.purge(cutoff, dry_run=True) == 2
     assert total(store) == 5  # a dry run changes nothing
+    counted = store.metrics_snapshot()
     assert store.purge(cutoff) == 2
+    after = store.metrics_snapshot()  # the counters of /metrics never go back
+    assert (after.attempts, after.retries, after.deadlines) == (
+        counted.attempts,
+        counted.retries,
+        counted.deadlines,
+    )
+    assert after.deadlines[("default", "met")] == 1
+    assert after.run_seconds["noop"][0] == counted.run_seconds["noop"][0] == 3
+    assert after.run_seconds["noop"][1] == pytest.approx(counted.run_seconds["noop"][1])
+    assert sum(after.tasks.values()) == 3
     for gone in (old_ok, old_dead):
         with pytest.raises(NotFound):
             store.get(gone)

@@ -28,7 +28,7 @@ from tactician.domain import (
     TaskState,
 )
 from tactician.errors import Conflict, InvalidInput, NotFound, UnknownKind
-from tactician.govern.audit import Entry
+from tactician.govern.audit import Entry, canonical_json
 from tactician.govern.records import NewApproval
 from tactician.govern.roles import SYSTEM, Actor
 from tactician.ids import new_ids
@@ -108,6 +108,16 @@ PURGED_WITH_THEIR_TASK = (
     "decisions",
 )
 """The tables whose rows belong to one task (`task_id`) and go with it."""
+PURGED_ATTEMPTS = "purged.attempts"
+PURGED_DEADLINES = "purged.deadlines"
+"""Rows of `metric_counters` that keep what purged tasks added to the attempt and deadline
+counters of /metrics (a counter must never go back)."""
+_PURGED_BUCKETS = ("count", "retries", "run_s")
+_ATTEMPT_SUMS = (
+    "SELECT t.kind, a.outcome, count(*), sum(CASE WHEN a.attempt > 1 THEN 1 ELSE 0 END), "
+    "sum(CASE WHEN a.outcome = 'succeeded' THEN a.finished_at - a.started_at ELSE 0 END) "
+    "FROM attempts a JOIN tasks t ON t.id = a.task_id WHERE 1 = 1"
+)
 
 
 class SqlStore(
@@ -271,20 +281,35 @@ class SqlStore(
                     used[pool] = used.get(pool, 0) + int(units)
             cur.execute("SELECT name, capacity FROM pools")
             capacity = {name: None if cap is None else int(cap) for name, cap in cur.fetchall()}
+            cur.execute(f"{_ATTEMPT_SUMS} GROUP BY t.kind, a.outcome")
+            sums = [
+                (k, o, int(n), int(r or 0), float(s or 0.0)) for k, o, n, r, s in cur.fetchall()
+            ]
+            # What `purge` removed, kept so that these counters never go back.
             cur.execute(
-                "SELECT t.kind, a.outcome, count(*), sum(CASE WHEN a.attempt > 1 THEN 1 "
-                "ELSE 0 END), sum(CASE WHEN a.outcome = 'succeeded' THEN a.finished_at - "
-                "a.started_at ELSE 0 END) FROM attempts a JOIN tasks t ON t.id = a.task_id "
-                "GROUP BY t.kind, a.outcome"
+                "SELECT name, labels, bucket, value FROM metric_counters WHERE name IN (?, ?)",
+                (PURGED_ATTEMPTS, PURGED_DEADLINES),
             )
+            purged = [(n, json.loads(labels), b, v) for n, labels, b, v in cur.fetchall()]
+            kept: dict[tuple[str, str], list[float]] = {}
+            for _, labels, bucket, value in (p for p in purged if p[0] == PURGED_ATTEMPTS):
+                totals = kept.setdefault((labels["kind"], labels["outcome"]), [0.0, 0.0, 0.0])
+                totals[_PURGED_BUCKETS.index(bucket)] += value
             attempts: dict[tuple[str, str], int] = {}
             run: dict[str, tuple[int, float]] = {}
             retries = 0
-            for kind, outcome, n, again, seconds in cur.fetchall():
-                attempts[(kind, outcome)] = int(n)
-                retries += int(again or 0)
+            for kind, outcome, n, again, seconds in sums:
+                extra = kept.pop((kind, outcome), [0.0, 0.0, 0.0])
+                n, again, seconds = n + int(extra[0]), again + int(extra[1]), seconds + extra[2]
+                attempts[(kind, outcome)] = n
+                retries += again
                 if outcome == "succeeded":
-                    run[kind] = (int(n), float(seconds or 0.0))
+                    run[kind] = (n, seconds)
+            for (kind, outcome), extra in kept.items():  # purged, none left
+                attempts[(kind, outcome)] = int(extra[0])
+                retries += int(extra[1])
+                if outcome == "succeeded":
+                    run[kind] = (int(extra[0]), extra[2])
             cur.execute("SELECT count(*), min(requested_at) FROM approvals WHERE state = 'pending'")
             pending, asked = cur.fetchone()
             cur.execute("SELECT count(*) FROM dead_letters")
@@ -314,6 +339,9 @@ class SqlStore(
             for pool, met, ended in cur.fetchall():
                 deadlines[(pool, "met")] = int(met or 0)
                 deadlines[(pool, "missed")] = int(ended) - int(met or 0)
+            for _, labels, bucket, value in (p for p in purged if p[0] == PURGED_DEADLINES):
+                key = (labels["pool"], bucket)
+                deadlines[key] = deadlines.get(key, 0) + int(value)
         return MetricsSnapshot(
             tasks=tasks,
             oldest_ready_age_s=oldest,
@@ -582,6 +610,7 @@ class SqlStore(
                 cur.execute(f"SELECT id FROM tasks WHERE {where} LIMIT {PURGE_BATCH}", (before,))
                 ids = [row[0] for row in cur.fetchall()]
                 if ids:
+                    self._add_counters(cur, self._purged_counts(cur, ids), now)
                     clause, params = self._in("task_id", ids)
                     for table in PURGED_WITH_THEIR_TASK:
                         cur.execute(f"DELETE FROM {table} WHERE {clause}", params)
@@ -595,6 +624,29 @@ class SqlStore(
             total += len(ids)
             if len(ids) < PURGE_BATCH:
                 return total
+
+    def _purged_counts(self, cur: Cursor, ids: Sequence[str]) -> list[tuple[str, str, str, float]]:
+        """The metric counters these tasks add (their attempts, their deadlines met or
+        missed), as rows of `metric_counters`, for `metrics_snapshot` to keep counting."""
+        rows: list[tuple[str, str, str, float]] = []
+        clause, params = self._in("a.task_id", ids)
+        cur.execute(f"{_ATTEMPT_SUMS} AND {clause} GROUP BY t.kind, a.outcome", params)
+        for kind, outcome, n, again, seconds in cur.fetchall():
+            labels = canonical_json({"kind": kind, "outcome": outcome})
+            for bucket, value in zip(_PURGED_BUCKETS, (n, again or 0, seconds or 0.0), strict=True):
+                rows.append((PURGED_ATTEMPTS, labels, bucket, float(value)))
+        clause, params = self._in("id", ids)
+        cur.execute(
+            "SELECT pool, sum(CASE WHEN state = 'succeeded' AND finished_at <= due_at THEN 1 "
+            f"ELSE 0 END), count(*) FROM tasks WHERE {clause} AND due_at IS NOT NULL "
+            "AND state IN ('succeeded', 'dead', 'expired') GROUP BY pool",
+            params,
+        )
+        for pool, met, ended in cur.fetchall():
+            labels = canonical_json({"pool": pool})
+            rows.append((PURGED_DEADLINES, labels, "met", float(met or 0)))
+            rows.append((PURGED_DEADLINES, labels, "missed", float(int(ended) - int(met or 0))))
+        return rows
 
     def cancel_waiting(self, key_prefix: str, actor: Actor = SYSTEM, reason: str = "") -> list[str]:
         """Cancel every task not started yet whose idempotency key starts with `key_prefix`

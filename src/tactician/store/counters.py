@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from tactician.store.mixin import StoreMixin
+from tactician.store.mixin import Cursor, StoreMixin
 
 if TYPE_CHECKING:
     pass
@@ -26,19 +26,23 @@ class CountersMixin(StoreMixin):
         """Add (name, labels, bucket, delta) rows to the running sums, in one transaction."""
         if not rows:
             return
-        ordered = sorted(rows)
         with self._tx() as cur:
-            now = self._now(cur)
-            cur.executemany(
-                "INSERT INTO metric_counters (name, labels, bucket, value, updated_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name, labels, bucket) DO UPDATE SET "
-                "value = metric_counters.value + excluded.value, "
-                "updated_at = excluded.updated_at",
-                [
-                    (name, labels, bucket, float(value), now)
-                    for name, labels, bucket, value in ordered
-                ],
-            )
+            self._add_counters(cur, rows, self._now(cur))
+
+    def _add_counters(
+        self, cur: Cursor, rows: Sequence[tuple[str, str, str, float]], now: float
+    ) -> None:
+        """`add_counters` inside the caller's transaction (in key order: no deadlock)."""
+        cur.executemany(
+            "INSERT INTO metric_counters (name, labels, bucket, value, updated_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name, labels, bucket) DO UPDATE SET "
+            "value = metric_counters.value + excluded.value, "
+            "updated_at = excluded.updated_at",
+            [
+                (name, labels, bucket, float(value), now)
+                for name, labels, bucket, value in sorted(rows)
+            ],
+        )
 
     def counter_values(self) -> list[tuple[str, str, str, float]]:
         """Every (name, labels, bucket, sum) row, in key order."""
