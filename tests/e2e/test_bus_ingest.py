@@ -661,6 +661,18 @@ def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
         2,
         "error: source a: an outbox needs Tactician on PostgreSQL (--db postgresql://…)\n",
     )
+    # The same source from the live bundle: the same one line, and the process ends.
+    db = f"sqlite:///{tmp_path}/bundle.db"
+    app = Tactician(settings=Settings(db=db))
+    app.gate.deploy(ROOT, "name: b\nsources: [{name: a, type: outbox}]\n", "b.yaml")
+    app.close()
+    done = subprocess.run(
+        [TACTICIAN, "ingest", "--db", db], capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stderr.splitlines()[-1]) == (
+        2,
+        "error: source a: an outbox needs Tactician on PostgreSQL (--db postgresql://…)",
+    )
 
 
 def test_sources_from_the_live_bundle(pg_url: str, tmp_path: Path) -> None:

@@ -127,13 +127,17 @@ def follow_bundle(
             name="bundle-watch",
         )
         watch.start()
-        if chosen:
-            ok = run_sources(chosen, settings, template, changed)
-        else:
-            log.warning("ingest: the live policy bundle declares no sources; waiting for one")
-            ok = True
-        while watch.is_alive():  # short waits: the main thread runs the signal handler
-            watch.join(0.2)
+        try:
+            if chosen:
+                ok = run_sources(chosen, settings, template, changed)
+            else:
+                log.warning("ingest: the live policy bundle declares no sources; waiting for one")
+                ok = True
+            while watch.is_alive():  # short waits: the main thread runs the signal handler
+                watch.join(0.2)
+        finally:  # an error above must not leave the watcher (and the process) running
+            changed.set()
+            watch.join()
         if not ok:
             return False
         if changed.sources is not None:
@@ -177,10 +181,11 @@ def _watch_bundle(
                 store = store or open_store(settings.db, settings)
                 policy = Gate(store).policy()
                 now = select_sources(policy.bundle.sources, names)
-            except TacticianError as exc:  # a database away, a source no longer declared
-                if exc.message != problem:
-                    log.error("ingest: cannot read the live bundle's sources: %s", exc.message)
-                problem = exc.message
+            except Exception as exc:  # a database away, a source no longer declared
+                message = exc.message if isinstance(exc, TacticianError) else repr(exc)
+                if message != problem:
+                    log.error("ingest: cannot read the live bundle's sources: %s", message)
+                problem = message
                 continue
             problem = None
             if now != list(running):
@@ -192,6 +197,7 @@ def _watch_bundle(
                 changed.sources = now
                 changed.set()
     finally:
+        changed.set()  # however it ends, the sources of this round stop with it
         if store is not None:
             store.close()
 
