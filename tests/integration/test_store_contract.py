@@ -909,8 +909,9 @@ def test_purge_removes_what_ended_before_the_cutoff_and_keeps_the_rest(store: Sq
     time.sleep(0.01)
     cutoff = store.db_now()
     (recent,) = store.submit([NewTask("noop")], kinds)
-    (claim,) = [c for c in start(store, kinds) if c.task_id == recent]
-    assert store.finish("w1", [ok(claim)], kinds)  # ended after the cutoff: it stays
+    later = {c.task_id: c for c in start(store, kinds)}
+    assert set(later) == {recent, child}
+    assert store.finish("w1", [ok(later[recent])], kinds)  # ended after the cutoff: it stays
 
     assert store.purge(cutoff, dry_run=True) == 2
     assert total(store) == 5  # a dry run changes nothing
@@ -932,8 +933,14 @@ def test_purge_removes_what_ended_before_the_cutoff_and_keeps_the_rest(store: Sq
         assert store.attempts(gone) == []
     assert {store.get(t).state for t in (parent, recent)} == {TaskState.SUCCEEDED}
     assert not store.get(child).state.is_final
+    # Once the child has ended too (after the cutoff), its parent still stays: a retry of the
+    # child must see what the parent did.
+    assert store.finish("w1", [ok(later[child])], kinds)
+    assert store.purge(cutoff, dry_run=True) == 0
     assert store.purge(cutoff) == 0  # nothing more; recorded all the same
     purged = [r for r in store.audit_records() if r.action == "tasks.purged"]
     assert [r.details["count"] for r in purged] == [2, 0]
+    assert store.purge(store.db_now() + 1) == 3  # parent and child go together
+    assert total(store) == 0
     (again,) = store.submit([NewTask("noop", idempotency_key="k-ok")], kinds)
     assert again != old_ok  # the key is free again

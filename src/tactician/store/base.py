@@ -453,7 +453,9 @@ class SqlStore(
 
     def _check_exist(self, cur: Cursor, task_ids: set[str]) -> None:
         clause, params = self._in("id", sorted(task_ids))
-        cur.execute(f"SELECT id FROM tasks WHERE {clause}", params)
+        # Share-locked (PostgreSQL): a purge cannot take a parent away under a new dependent.
+        lock = " FOR KEY SHARE" if self.dialect == "postgres" else ""
+        cur.execute(f"SELECT id FROM tasks WHERE {clause}{lock}", params)
         missing = task_ids - {row[0] for row in cur.fetchall()}
         if missing:
             raise InvalidInput(f"depends_on names unknown task {sorted(missing)[0]}")
@@ -594,35 +596,51 @@ class SqlStore(
         decisions; the audit chain keeps everything it recorded. A task that an unfinished one
         depends on stays. Works in transactions of PURGE_BATCH tasks, each audited
         (`tasks.purged`); returns how many went (with `dry_run`: would go, nothing changed)."""
+        # A task goes only with every task that depends on it gone too (or going): a retried
+        # dependent must still see what its parent did.
         where = (
             f"state IN {FINAL} AND finished_at < ? AND NOT EXISTS (SELECT 1 FROM task_deps d "
-            f"JOIN tasks c ON c.id = d.task_id WHERE d.depends_on = tasks.id AND c.state NOT IN "
-            f"{FINAL})"
+            "JOIN tasks c ON c.id = d.task_id WHERE d.depends_on = tasks.id AND NOT "
+            f"(c.state IN {FINAL} AND c.finished_at < ?))"
         )
         if dry_run:
             with self._read() as cur:
-                cur.execute(f"SELECT count(*) FROM tasks WHERE {where}", (before,))
+                cur.execute(f"SELECT count(*) FROM tasks WHERE {where}", (before, before))
                 return int(cur.fetchone()[0])
         total = 0
         while True:
             with self._tx() as cur:
                 now = self._now(cur)
-                cur.execute(f"SELECT id FROM tasks WHERE {where} LIMIT {PURGE_BATCH}", (before,))
-                ids = [row[0] for row in cur.fetchall()]
+                # Locked (PostgreSQL): a retry committed meanwhile waits, or is skipped here.
+                cur.execute(
+                    f"SELECT id FROM tasks WHERE {where} LIMIT {PURGE_BATCH}{self._skip_locked()}",
+                    (before, before),
+                )
+                found = [row[0] for row in cur.fetchall()]
+                ids: list[str] = []
+                if found:  # counted first: the counts read the task rows
+                    self._add_counters(cur, self._purged_counts(cur, found), now)
+                    clause, params = self._in("id", found)
+                    cur.execute(
+                        f"DELETE FROM tasks WHERE {clause} AND state IN {FINAL} RETURNING id",
+                        params,
+                    )
+                    ids = [row[0] for row in cur.fetchall()]
+                    if len(ids) != len(found):  # cannot happen while the rows are locked
+                        raise Conflict("tasks changed while they were purged: purge again")
                 if ids:
-                    self._add_counters(cur, self._purged_counts(cur, ids), now)
                     clause, params = self._in("task_id", ids)
                     for table in PURGED_WITH_THEIR_TASK:
                         cur.execute(f"DELETE FROM {table} WHERE {clause}", params)
-                    clause, params = self._in("id", ids)
-                    cur.execute(f"DELETE FROM tasks WHERE {clause}", params)
+                    clause, params = self._in("depends_on", ids)
+                    cur.execute(f"DELETE FROM task_deps WHERE {clause}", params)
                 if ids or not total:  # a purge that found nothing is recorded once too
                     detail: dict[str, Any] = {"before": before, "count": len(ids)}
                     if actor.bootstrap:
                         detail["bootstrap"] = True
                     self._audit(cur, [Entry(actor.name, "tasks.purged", "-", detail)], now)
             total += len(ids)
-            if len(ids) < PURGE_BATCH:
+            if len(found) < PURGE_BATCH:
                 return total
 
     def _purged_counts(self, cur: Cursor, ids: Sequence[str]) -> list[tuple[str, str, str, float]]:
