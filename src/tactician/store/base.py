@@ -909,18 +909,31 @@ class SqlStore(
             room = self.settings.dispatch_ahead - int(cur.fetchone()[0])
             if room <= 0:
                 return PlanReport()
-            skip, params = self._dead_ends(cur, kinds)
-            cur.execute(
-                f"SELECT {_READY_COLUMNS} FROM tasks WHERE state = 'ready'{skip} "
-                f"ORDER BY due_sort, id LIMIT {min(self.settings.plan_batch, 4 * room)}",
-                params,
-            )
+            limit = min(self.settings.plan_batch, 4 * room)
+
+            def read(skip: str) -> str:
+                return (
+                    f"SELECT {_READY_COLUMNS} FROM tasks WHERE state = 'ready'{skip} "
+                    f"ORDER BY due_sort, id LIMIT {limit}"
+                )
+
+            cur.execute(read(""))
             rows = [ReadyRow(*row) for row in cur.fetchall()]
             if not rows:
                 return PlanReport()
             candidates = [Candidate(*row[:7]) for row in rows]
             reserve = ranker is not None and expected is not None
             view, targets, shared = self._capacity_view(cur, candidates, kinds, now, reserve)
+            if len(rows) == limit and not any(_could_start(c, view) for c in candidates):
+                # The whole batch waits for full pools or busy keys: read past them (a longer
+                # scan, paid only when the head of the queue is stuck like this).
+                skip, params = self._dead_ends(cur, kinds)
+                cur.execute(read(skip), params)
+                rows = [ReadyRow(*row) for row in cur.fetchall()]
+                if not rows:
+                    return PlanReport()
+                candidates = [Candidate(*row[:7]) for row in rows]
+                view, targets, shared = self._capacity_view(cur, candidates, kinds, now, reserve)
             if ranker is not None:
                 ranks = ranker(rows, view, now)
                 runs = expected(rows) if expected is not None else None
@@ -961,9 +974,9 @@ class SqlStore(
     def _dead_ends(self, cur: Cursor, kinds: Mapping[str, KindSpec]) -> tuple[str, list[Any]]:
         """A condition that leaves out of a pass the ready tasks that cannot start whatever
         the order: those of a pool with no unit free, and those whose concurrency key is busy
-        (looked up only when a kind has a key). Without it, a batch filled by one full pool's
-        (or one key's) backlog, earliest due first, would keep every other pool's tasks
-        waiting behind it."""
+        (looked up only when a kind has a key). Read when a whole batch is stuck: without it,
+        a batch filled by one full pool's (or one key's) backlog, earliest due first, would
+        keep every other pool's tasks waiting behind it."""
         cur.execute("SELECT name, capacity FROM pools WHERE capacity IS NOT NULL")
         capacity = {str(name): int(cap) for name, cap in cur.fetchall()}
         condition = ""
@@ -1368,6 +1381,14 @@ class SqlStore(
                     "WHERE state = 'leased' AND target = ?",
                     (target,),
                 )
+
+
+def _could_start(candidate: Candidate, view: CapacityView) -> bool:
+    """Whether capacity and concurrency keys leave `candidate` any chance in this pass."""
+    cap = view.pool_capacity.get(candidate.pool)
+    if cap is not None and view.pool_used.get(candidate.pool, 0) + candidate.units > cap:
+        return False
+    return candidate.concurrency_key is None or candidate.concurrency_key not in view.busy_keys
 
 
 def _batch_entry(
