@@ -194,6 +194,14 @@ def test_cancelling_a_task_withdraws_its_approval(app: Tactician) -> None:
     assert gate.tick() == 0
     assert [t for t in app.tasks() if t.kind == NOTIFY_KIND] == []  # nobody is chased
     assert app.store.metrics_snapshot().approvals_pending == 0
+    # Retried, it asks its approvers again: a retry never skips them.
+    retried = app.store.retry(fix, ROOT)
+    assert retried.state is TaskState.AWAITING_APPROVAL
+    again = app.store.approval(fix)
+    assert (again.state, again.votes, again.requested_by) == ("pending", (), "root")
+    app.gate.vote(ALICE, fix, "approve", "checked")
+    assert app.gate.vote(BOB, fix, "approve", "checked too").state == "approved"
+    assert app.get(fix).state in (TaskState.PENDING, TaskState.READY)
 
 
 # --- the model advises, policy decides ------------------------------------------------------

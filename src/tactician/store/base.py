@@ -28,6 +28,7 @@ from tactician.domain import (
     TaskState,
 )
 from tactician.errors import Conflict, InvalidInput, NotFound, UnknownKind
+from tactician.govern.approvals import RuleSpec
 from tactician.govern.audit import Entry, canonical_json
 from tactician.govern.records import NewApproval
 from tactician.govern.roles import SYSTEM, Actor
@@ -689,21 +690,35 @@ class SqlStore(
             return ids
 
     def retry(self, task_id: str, actor: Actor = SYSTEM) -> Task:
-        """Give a dead or cancelled task one more attempt."""
+        """Give a dead or cancelled task one more attempt. A task cancelled before its approval
+        came asks for it again (the same rule, `actor` asking): a retry never skips approvers."""
         with self._tx() as cur:
             task = self._get(cur, task_id, for_update=True)
             if task.state not in (TaskState.DEAD, TaskState.CANCELLED):
                 raise Conflict(f"task {task_id} is {task.state}; only dead or cancelled retry")
+            now = self._now(cur)
+            cur.execute(
+                "SELECT rule, policy_version FROM approvals WHERE task_id = ? AND state IN "
+                "('pending', 'withdrawn')",
+                (task_id,),
+            )
+            unanswered = cur.fetchone()
+            entries = [_batch_entry(actor, "task.retried", [task_id], {"from": task.state.value})]
+            if unanswered is not None:
+                for table in ("approval_votes", "approvals"):
+                    cur.execute(f"DELETE FROM {table} WHERE task_id = ?", (task_id,))
+                rule = RuleSpec.from_json(json.loads(unanswered[0]))
+                asked = {task_id: NewApproval(rule, unanswered[1], actor.name)}
+                entries += self._open_approvals(cur, asked, now)
             # Back to pending when it must still wait for its release time or dependencies:
             # promote() decides, so a retried task never runs before its dependencies succeed.
             cur.execute(
-                "UPDATE tasks SET state = CASE WHEN has_deps = 1 OR release_at > ? "
-                "THEN 'pending' ELSE 'ready' END, max_attempts = attempt + 1, "
+                "UPDATE tasks SET state = CASE WHEN ? THEN 'awaiting_approval' WHEN has_deps = 1 "
+                "OR release_at > ? THEN 'pending' ELSE 'ready' END, max_attempts = attempt + 1, "
                 "finished_at = NULL, cancel_requested = 0, run_at = NULL WHERE id = ?",
-                (self._now(cur), task_id),
+                (unanswered is not None, now, task_id),
             )
-            detail = {"from": task.state.value}
-            self._audit(cur, [_batch_entry(actor, "task.retried", [task_id], detail)])
+            self._audit(cur, entries, now)
             self._after_submit(cur)
             return self._get(cur, task_id)
 

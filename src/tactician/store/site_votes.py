@@ -136,7 +136,7 @@ class SiteVotesMixin(StoreMixin):
         cur.execute(
             "SELECT r.subject, r.seq, r.at FROM site_records r WHERE r.site = ? AND "
             f"r.action = 'approval.requested'{only} AND NOT EXISTS (SELECT 1 FROM site_records d "
-            "WHERE d.site = r.site AND d.subject = r.subject AND d.action IN "
+            "WHERE d.site = r.site AND d.subject = r.subject AND d.seq > r.seq AND d.action IN "
             f"{_RESOLVED_SQL}) ORDER BY r.seq LIMIT {MAX_PENDING}",
             (site, task_id) if task_id is not None else (site,),
         )
