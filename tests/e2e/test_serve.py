@@ -54,3 +54,18 @@ def test_a_killed_worker_is_started_again_and_the_work_goes_on(
         assert not serve.strays()
         for pid in (first, second):
             wait_until(lambda pid=pid: not Path(f"/proc/{pid}").exists(), 10, serve.tail)
+
+
+def test_when_the_planner_dies_the_supervisor_stops_the_workers(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    with Cluster(sqlite_url, tmp_path) as cluster:
+        argv = [TACTICIAN, "serve", "--app", APP, "--db", sqlite_url, "--workers", "1"]
+        serve = Proc("serve", [*argv, "--port", "0"], cluster.env, cluster.log_dir)
+        cluster.procs.append(serve)
+        serve.start()
+        wait_until(lambda: len(started_pids(serve)) == 1, 60, serve.tail)
+        (worker,) = started_pids(serve)
+        serve.kill_only_the_process()  # as the OOM killer would take the planner alone
+        wait_until(lambda: not Path(f"/proc/{worker}").exists(), 45, serve.tail)
+        assert "is gone: stopping its children" in serve.text()

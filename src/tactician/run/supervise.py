@@ -5,13 +5,14 @@ that no child ever inherits a connection it could close under its parent. It sta
 child and, when one exits without being asked (a crash, the OOM killer, a SIGKILL), logs one
 line and starts it again after a backoff: 1 s, doubling up to 60 s, back to 1 s once a child
 has run for a minute. SIGTERM stops the restarts, passes SIGTERM on to every child, waits for
-them (30 s, then SIGKILL) and exits.
+them (30 s, then SIGKILL) and exits; so does the death of the planner's process.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -27,6 +28,7 @@ STEADY_S = 60.0
 """A child that ran this long before it exited starts again after FIRST_WAIT_S."""
 CHECK_EVERY_S = 0.2
 STOP_WAIT_S = 30.0
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 Child = tuple[str, Callable[[], None]]
 """A child's name and what it runs."""
@@ -61,10 +63,14 @@ class Supervisor:
         """Start every child and keep them running until SIGTERM/SIGINT (the main thread)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
+        parent = os.getppid()
         for slot in self.slots:
             self._start(slot)
         try:
             while not self.stopping.wait(CHECK_EVERY_S):
+                if os.getppid() != parent:  # the planner's process died without stopping us
+                    log.error("serve's planner (pid %d) is gone: stopping its children", parent)
+                    break
                 self.check(time.monotonic())
         finally:
             self.stop_children()
@@ -107,13 +113,19 @@ class Supervisor:
 
     def _start(self, slot: _Slot) -> None:
         slot.process = self.ctx.Process(target=_child, args=(slot.run,), name=slot.name)
-        slot.process.start()
+        # Blocked across the fork: a SIGTERM meant for the child waits for its own handlers.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            slot.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         slot.started_at = time.monotonic()
         slot.due = None
         log.info("%s started (pid %s)", slot.name, slot.process.pid)
 
 
 def _child(run: Callable[[], None]) -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT):  # until the child sets its own
+    for sig in _STOP_SIGNALS:  # until the child sets its own
         signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     run()
