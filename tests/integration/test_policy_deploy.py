@@ -13,6 +13,7 @@ from tactician.domain import KindSpec, NewTask, RateLimit, Result
 from tactician.errors import Conflict, InvalidInput
 from tactician.govern.policy import BundleError, bundle_version, limited, parse_bundle
 from tactician.govern.roles import Actor, Role
+from tactician.run.ranking import LiveRanker
 from tactician.settings import Settings
 from tactician.store.protocol import Finish
 
@@ -158,19 +159,28 @@ def test_tasks_why_shows_the_fair_share_shift(db_url: str) -> None:
         app.store.register_kinds([KindSpec("job", pool="p")])
         app.store.set_pool("p", 2)
         app.submit_many([NewTask("job", tenant="a") for _ in range(2)])
-        app.planner().tick()
+        planner = app.planner()
+        planner.tick()
         for claim in app.store.claim("w1", ["job"], 2):  # tenant a ran 2 x 100 s
             done = Result(claim.task_id, claim.token, True, time.time() - 100.0, 100.0)
             finish = Finish(done, claim.kind, claim.attempt, None)
             assert app.store.finish("w1", [finish], app.store.kinds())
+        app.store.set_pool("p", 0)  # the planner starts nothing more
+        planner.ranker.refresh(time.time() + 60)  # type: ignore[union-attr]
+        planner.tick()  # a running planner, which has read the outcomes so far
         (first,) = app.submit_many([NewTask("job", tenant="a")])  # fifo alone: a's first
         (second,) = app.submit_many([NewTask("job", tenant="b")])
         plain = {d.task_id: d.score for d in app.decisions()[0]}
         assert plain[first] > plain[second]
         fair = "{scorer: fifo, fair_share: {shares: {a: 1, b: 1}, weight: 2.0}}"
         app.gate.deploy(ROOT, f"name: fair\nobjective: {fair}\n", "fair.yaml")
+        planner.tick()  # the planner follows the deploy; its book counts a's earlier use too
+        ranker = planner.ranker
+        assert isinstance(ranker, LiveRanker) and ranker.fair is not None
+        now = time.time()
+        assert ranker.fair.factor("a", now) < 0.5 < ranker.fair.factor("b", now) == 1.0
         shown = {d.task_id: d for d in app.decisions(explain=[first])[0]}
-        assert shown[second].score > shown[first].score  # as the planner will order them
+        assert shown[second].score > shown[first].score  # as the planner orders them
         assert "tenant a: fair-share factor" in shown[first].why()
         assert "used more than its share" in shown[first].why()
     finally:

@@ -207,6 +207,7 @@ class LiveRanker:
                     half_life_s=fair_share.half_life,
                 )
             )
+            self._seed_fair_book()
         self.scorer = scorer
         self.gate_rules = tuple(r for r in gate_rules if r.match.needs_decision)
         self._reset()
@@ -262,6 +263,17 @@ class LiveRanker:
         )
         self.rows: dict[str, int] = {}
         self._seq = 0
+
+    def _seed_fair_book(self) -> None:
+        """A new fair-share book starts from the latest HISTORY_BATCH outcomes, as `tasks why`
+        does, not only from those `refresh` reads from now on: the usage before a deploy counts
+        too. Those `refresh` has yet to read are left to it."""
+        if self.fair is None or self.store is None or self._history_at is None:
+            return  # the first refresh reads the latest outcomes anyway
+        for row in self.store.outcomes(limit=HISTORY_BATCH):
+            if row.finished_at < self._history_at:
+                duration = max(0.0, row.finished_at - row.started_at)
+                self.fair.used(row.tenant, row.units * duration, row.finished_at)
 
     def refresh(self, now: float) -> int:
         """Read the outcomes recorded since the last call into each kind's history (at most
