@@ -320,6 +320,11 @@ MUTATIONS: list[
         lambda c, t, h: c.post("/drift/clear", json={"reason": "r"}, headers=h),
     ),
     (
+        Operation.PURGE,
+        "purge",
+        lambda c, t, h: c.post("/tasks/purge", json={"before": 0.0}, headers=h),
+    ),
+    (
         Operation.SET_POOL,
         "pool",
         lambda c, t, h: c.put("/pools/p", json={"capacity": 9}, headers=h),

@@ -576,6 +576,25 @@ def build(current_app: AppDep, actor_of: ActorDep) -> APIRouter:
         """End the drift fallback: the models decide again (audited)."""
         return asdict(app.gate.clear_drift(actor, body.reason))
 
+    class PurgeIn(_In):
+        before: float = Field(allow_inf_nan=False)
+        """Epoch seconds: the tasks that ended before this go."""
+        dry_run: bool = False
+
+    @router.post("/tasks/purge", tags=["tasks"], response_model=Json)
+    def purge(app: App, actor: Who, body: PurgeIn) -> Json:
+        """Remove the tasks that ended before `before`, with their attempts, approvals and
+        overrides (audited; the chain keeps their records). `dry_run`: count only."""
+        if body.dry_run:
+            return {
+                "before": body.before,
+                "purged": 0,
+                "would": app.store.purge(body.before, dry_run=True),
+            }
+        app.gate.authorize(actor, Operation.PURGE, f"before {body.before}")
+        count = app.store.purge(body.before, actor)
+        return {"before": body.before, "purged": count, "would": count}
+
     @router.get("/models", tags=["models"], response_model=list[Json])
     def models(app: App, _: Who) -> list[Json]:
         from tactician.store.registry import ModelRegistry
