@@ -20,6 +20,16 @@ def started_pids(serve: Proc) -> list[int]:
     return [int(pid) for pid in STARTED.findall(serve.text())]
 
 
+def serve_one_worker(cluster: Cluster, db: str) -> Proc:
+    """`tactician serve` with one worker and no API, once its worker has started."""
+    argv = [TACTICIAN, "serve", "--app", APP, "--db", db, "--workers", "1", "--port", "0"]
+    serve = Proc("serve", argv, cluster.env, cluster.log_dir)
+    cluster.procs.append(serve)
+    serve.start()
+    wait_until(lambda: len(started_pids(serve)) == 1, 60, serve.tail)
+    return serve
+
+
 def done(cluster: Cluster) -> int:
     return sum(1 for line in read_effects(cluster.effects) if line[0] == "done")
 
@@ -28,11 +38,7 @@ def test_a_killed_worker_is_started_again_and_the_work_goes_on(
     sqlite_url: str, tmp_path: Path
 ) -> None:
     with Cluster(sqlite_url, tmp_path) as cluster:
-        argv = [TACTICIAN, "serve", "--app", APP, "--db", sqlite_url, "--workers", "1"]
-        serve = Proc("serve", [*argv, "--port", "0"], cluster.env, cluster.log_dir)
-        cluster.procs.append(serve)
-        serve.start()
-        wait_until(lambda: len(started_pids(serve)) == 1, 60, serve.tail)
+        serve = serve_one_worker(cluster, sqlite_url)
         (first,) = started_pids(serve)
         app = Tactician(settings=Settings(db=sqlite_url))
         try:
@@ -60,11 +66,7 @@ def test_when_the_planner_dies_the_supervisor_stops_the_workers(
     sqlite_url: str, tmp_path: Path
 ) -> None:
     with Cluster(sqlite_url, tmp_path) as cluster:
-        argv = [TACTICIAN, "serve", "--app", APP, "--db", sqlite_url, "--workers", "1"]
-        serve = Proc("serve", [*argv, "--port", "0"], cluster.env, cluster.log_dir)
-        cluster.procs.append(serve)
-        serve.start()
-        wait_until(lambda: len(started_pids(serve)) == 1, 60, serve.tail)
+        serve = serve_one_worker(cluster, sqlite_url)
         (worker,) = started_pids(serve)
         serve.kill_only_the_process()  # as the OOM killer would take the planner alone
         wait_until(lambda: not Path(f"/proc/{worker}").exists(), 45, serve.tail)
