@@ -500,6 +500,10 @@ def test_a_vote_at_the_centre_carries_the_edits_the_sites_rule_allows(linked: Li
             f"/sites/{SITE}/approvals/{task_id}", json=body, headers=linked.as_("alice")
         )
 
+    too_many = vote(edited, {f"payload.f{i}": i for i in range(51)})
+    assert too_many.status_code == 422, too_many.text  # bounded, and nothing queued
+    assert "edits" in too_many.json()["message"]
+    assert linked.centre.store.site_votes(SITE, None) == []
     assert vote(edited, {"weight": 5}).json()["edits"] == {"weight": 5}
     assert vote(wrong, {"due_at": 1.0}).status_code == 202  # the site's rule decides
     agent.sync_once()

@@ -69,10 +69,14 @@ class SyncIn(_In):
     votes_applied: list[VoteApplied] = Field(default_factory=list, max_length=1000)
 
 
+MAX_EDITS = 50
+"""Fields one vote may change (a rule names a few; this bounds what a request carries)."""
+
+
 class SiteVoteIn(_In):
     verdict: Literal["approve", "reject"]
     reason: str = Field(min_length=1, max_length=2000)
-    edits: dict[str, Any] = Field(default_factory=dict)
+    edits: dict[str, Any] = Field(default_factory=dict, max_length=MAX_EDITS)
     """Fields the site's rule lets an approver change (`weight`, `payload.region`...)."""
 
 
