@@ -50,7 +50,7 @@ from tactician.govern.compare import in_experiment
 from tactician.govern.policy import FairShareSpec
 from tactician.observe import counters
 from tactician.plan.capacity import CapacityView
-from tactician.store.protocol import ReadyRow, Store
+from tactician.store.protocol import OutcomeRow, ReadyRow, Store
 
 log = logging.getLogger("tactician.decide")
 
@@ -272,8 +272,14 @@ class LiveRanker:
             return  # the first refresh reads the latest outcomes anyway
         for row in self.store.outcomes(limit=HISTORY_BATCH):
             if row.finished_at < self._history_at:
-                duration = max(0.0, row.finished_at - row.started_at)
-                self.fair.used(row.tenant, row.units * duration, row.finished_at)
+                self._count_use(self.fair, row)
+
+    @staticmethod
+    def _count_use(fair: FairBook, row: OutcomeRow) -> None:
+        """A finished attempt's unit-seconds, charged to its tenant."""
+        fair.used(
+            row.tenant, row.units * max(0.0, row.finished_at - row.started_at), row.finished_at
+        )
 
     def refresh(self, now: float) -> int:
         """Read the outcomes recorded since the last call into each kind's history (at most
@@ -287,7 +293,7 @@ class LiveRanker:
             duration = max(0.0, row.finished_at - row.started_at)
             self.history.record(row.kind, duration, failed=row.failed, late=late)
             if self.fair is not None:
-                self.fair.used(row.tenant, row.units * duration, row.finished_at)
+                self._count_use(self.fair, row)
         if rows:
             self._history_at = math.nextafter(rows[-1].finished_at, math.inf)
         return 0  # history is bookkeeping, not work the planner did

@@ -283,34 +283,25 @@ class SqlStore(
             cur.execute("SELECT name, capacity FROM pools")
             capacity = {name: None if cap is None else int(cap) for name, cap in cur.fetchall()}
             cur.execute(f"{_ATTEMPT_SUMS} GROUP BY t.kind, a.outcome")
-            sums = [
-                (k, o, int(n), int(r or 0), float(s or 0.0)) for k, o, n, r, s in cur.fetchall()
-            ]
+            sums: dict[tuple[str, str], list[float]] = {}  # count, retries, run seconds
+            for kind, outcome, n, again, seconds in cur.fetchall():
+                sums[(kind, outcome)] = [float(n), float(again or 0), float(seconds or 0.0)]
             # What `purge` removed, kept so that these counters never go back.
             cur.execute(
                 "SELECT name, labels, bucket, value FROM metric_counters WHERE name IN (?, ?)",
                 (PURGED_ATTEMPTS, PURGED_DEADLINES),
             )
             purged = [(n, json.loads(labels), b, v) for n, labels, b, v in cur.fetchall()]
-            kept: dict[tuple[str, str], list[float]] = {}
             for _, labels, bucket, value in (p for p in purged if p[0] == PURGED_ATTEMPTS):
-                totals = kept.setdefault((labels["kind"], labels["outcome"]), [0.0, 0.0, 0.0])
+                totals = sums.setdefault((labels["kind"], labels["outcome"]), [0.0, 0.0, 0.0])
                 totals[_PURGED_BUCKETS.index(bucket)] += value
-            attempts: dict[tuple[str, str], int] = {}
-            run: dict[str, tuple[int, float]] = {}
-            retries = 0
-            for kind, outcome, n, again, seconds in sums:
-                extra = kept.pop((kind, outcome), [0.0, 0.0, 0.0])
-                n, again, seconds = n + int(extra[0]), again + int(extra[1]), seconds + extra[2]
-                attempts[(kind, outcome)] = n
-                retries += again
-                if outcome == "succeeded":
-                    run[kind] = (n, seconds)
-            for (kind, outcome), extra in kept.items():  # purged, none left
-                attempts[(kind, outcome)] = int(extra[0])
-                retries += int(extra[1])
-                if outcome == "succeeded":
-                    run[kind] = (int(extra[0]), extra[2])
+            attempts = {key: int(n) for key, (n, _, _) in sums.items()}
+            retries = sum(int(again) for _, again, _ in sums.values())
+            run = {
+                kind: (int(n), seconds)
+                for (kind, outcome), (n, _, seconds) in sums.items()
+                if outcome == "succeeded"
+            }
             cur.execute("SELECT count(*), min(requested_at) FROM approvals WHERE state = 'pending'")
             pending, asked = cur.fetchone()
             cur.execute("SELECT count(*) FROM dead_letters")
